@@ -1,0 +1,1 @@
+"""Weight interop: official Sparse R-CNN checkpoints and torchvision ImageNet ResNets."""

@@ -1,0 +1,1 @@
+"""Data: COCO-format folders, TFDS, the embedded synthetic set, transforms and batching."""
