@@ -1,0 +1,151 @@
+"""The iterative dynamic head: learnable proposals refined by S stages (SPEC.md sections 3-4).
+
+Each stage pools RoI features for its input boxes, lets the proposals talk to each other
+(self-attention), lets each proposal read its own RoI feature (an instance interaction,
+see interactions.py), and predicts class logits and box deltas. Stages are not weight-tied;
+the boxes are stop-gradient between stages and every stage's output is kept for deep
+supervision. Intermediates are sown into the "intermediates" collection (inspect them with
+`apply(..., mutable=["intermediates"])`): boxes_in, level_assignments, roi_features,
+self_attn_out, interaction_out, obj_features, pred_logits, pred_boxes per stage.
+"""
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sparse_rcnn_jax import box_ops
+from sparse_rcnn_jax import interactions
+from sparse_rcnn_jax.head_config import HeadConfig
+from sparse_rcnn_jax.roi_align import multilevel_roi_align
+
+xavier = interactions.xavier
+layer_norm = interactions.layer_norm
+
+
+def proposal_boxes_init(kind: str):
+  """Initializer of the [N, 4] normalized cxcywh proposal boxes (paper Table 5).
+
+  image: every box is the whole image (official). center: small boxes (w = h = 0.1) at the
+  centre. grid: a ceil(sqrt(N))^2 grid of boxes tiling the image, row-major. random: centres
+  and sizes drawn from N(0.5, 0.2^2), clipped to [0.01, 1].
+  """
+  def init(key, shape, dtype=jnp.float32):
+    n = shape[0]
+    if kind == "image":
+      return jnp.tile(jnp.array([0.5, 0.5, 1.0, 1.0], dtype), (n, 1))
+    if kind == "center":
+      return jnp.tile(jnp.array([0.5, 0.5, 0.1, 0.1], dtype), (n, 1))
+    if kind == "grid":
+      g = math.ceil(math.sqrt(n))
+      centers = (jnp.arange(g, dtype=dtype) + 0.5) / g
+      cy, cx = jnp.meshgrid(centers, centers, indexing="ij")
+      size = jnp.full((g * g,), 1.0 / g, dtype)
+      return jnp.stack([cx.ravel(), cy.ravel(), size, size], axis=-1)[:n]
+    if kind == "random":
+      return jnp.clip(0.5 + 0.2 * jax.random.normal(key, shape, dtype), 0.01, 1.0)
+    raise ValueError(f"Unknown proposal_init {kind!r}; choose image, center, grid or random.")
+  return init
+
+
+class Stage(nn.Module):
+  """One head stage (official `RCNNHead`)."""
+  cfg: HeadConfig
+
+  @nn.compact
+  def __call__(self, features: Sequence[jax.Array], boxes, proposal_features,
+               deterministic: bool = True):
+    """Refines boxes once.
+
+    Args:
+      features: FPN maps P2..P5, each [B, H_l, W_l, D].
+      boxes: [B, N, 4] absolute xyxy input boxes.
+      proposal_features: [B, N, D].
+      deterministic: disables dropout.
+    Returns:
+      (logits [B, N, C], boxes [B, N, 4] absolute xyxy, object features [B, N, D]).
+    """
+    cfg = self.cfg
+    batch, num, dim = proposal_features.shape
+    dropout = lambda x: nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    roi, levels = multilevel_roi_align(features, boxes, output_size=cfg.pooler_resolution,
+                                       sampling_ratio=cfg.sampling_ratio)
+    self.sow("intermediates", "boxes_in", boxes)
+    self.sow("intermediates", "level_assignments", levels)
+    self.sow("intermediates", "roi_features", roi)
+
+    x = proposal_features
+    if cfg.self_attention:
+      attn = nn.MultiHeadDotProductAttention(
+          num_heads=cfg.num_heads, qkv_features=dim, out_features=dim, kernel_init=xavier,
+          dropout_rate=cfg.dropout, deterministic=deterministic, name="self_attn")(x, x, x)
+      self.sow("intermediates", "self_attn_out", attn)
+      x = layer_norm("norm1")(x + dropout(attn))
+
+    interaction = interactions.batched(interactions.get_interaction(cfg.interaction))
+    inter = interaction(cfg, name="inst_interact")(
+        x.reshape(batch * num, dim), roi.reshape(batch * num, -1, dim)).reshape(batch, num, dim)
+    self.sow("intermediates", "interaction_out", inter)
+    x = layer_norm("norm2")(x + dropout(inter))
+
+    ffn = nn.Dense(cfg.dim_feedforward, kernel_init=xavier, name="linear1")(x)
+    ffn = nn.Dense(dim, kernel_init=xavier, name="linear2")(dropout(nn.relu(ffn)))
+    obj = layer_norm("norm3")(x + dropout(ffn))
+    self.sow("intermediates", "obj_features", obj)
+
+    cls = obj
+    for i in range(cfg.num_cls_layers):
+      cls = nn.Dense(dim, use_bias=False, kernel_init=xavier, name=f"cls_fc{i}")(cls)
+      cls = nn.relu(layer_norm(f"cls_norm{i}")(cls))
+    reg = obj
+    for i in range(cfg.num_reg_layers):
+      reg = nn.Dense(dim, use_bias=False, kernel_init=xavier, name=f"reg_fc{i}")(reg)
+      reg = nn.relu(layer_norm(f"reg_norm{i}")(reg))
+    prior_bias = -math.log((1 - cfg.prior_prob) / cfg.prior_prob)
+    logits = nn.Dense(cfg.num_classes, kernel_init=xavier,
+                      bias_init=nn.initializers.constant(prior_bias), name="class_logits")(cls)
+    deltas = nn.Dense(4, kernel_init=xavier, name="bboxes_delta")(reg)
+    pred_boxes = box_ops.apply_deltas(deltas, boxes)
+    self.sow("intermediates", "pred_logits", logits)
+    self.sow("intermediates", "pred_boxes", pred_boxes)
+    return logits, pred_boxes, obj
+
+
+class DynamicHead(nn.Module):
+  """Learnable proposals and S refinement stages (official `DynamicHead` plus the proposals)."""
+  cfg: HeadConfig
+
+  @nn.compact
+  def __call__(self, features: Sequence[jax.Array], image_whwh, deterministic: bool = True):
+    """Detects objects on FPN maps.
+
+    Args:
+      features: FPN maps P2..P5, each [B, H_l, W_l, D] (NHWC), strides 4..32.
+      image_whwh: [B, 4] (w, h, w, h) of each unpadded image, in input pixels.
+      deterministic: disables dropout.
+    Returns:
+      dict with "pred_logits" [S, B, N, C] (sigmoid class logits of every stage) and
+      "pred_boxes" [S, B, N, 4] (absolute xyxy in input pixels), and "proposal_boxes"
+      [B, N, 4], the learned proposals as absolute xyxy (the input to stage 0).
+    """
+    cfg = self.cfg
+    batch = image_whwh.shape[0]
+    init_boxes = self.param("proposal_boxes", proposal_boxes_init(cfg.proposal_init),
+                            (cfg.num_proposals, 4))
+    init_features = self.param("proposal_features", nn.initializers.normal(1.0),
+                               (cfg.num_proposals, cfg.hidden_dim))
+    proposal_boxes = box_ops.cxcywh_to_xyxy(init_boxes)[None] * image_whwh[:, None, :]
+    init_features = jnp.broadcast_to(init_features[None], (batch,) + init_features.shape)
+
+    boxes, feats = proposal_boxes, init_features
+    all_logits, all_boxes = [], []
+    for i in range(cfg.num_stages):
+      logits, pred_boxes, obj = Stage(cfg, name=f"stage{i}")(features, boxes, feats,
+                                                             deterministic)
+      all_logits.append(logits)
+      all_boxes.append(pred_boxes)
+      feats = obj if cfg.feature_reuse else init_features
+      boxes = jax.lax.stop_gradient(pred_boxes)
+    return {"pred_logits": jnp.stack(all_logits), "pred_boxes": jnp.stack(all_boxes),
+            "proposal_boxes": proposal_boxes}

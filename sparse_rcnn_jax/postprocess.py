@@ -1,0 +1,38 @@
+"""Inference postprocessing (SPEC.md section 6): top-k over all proposal-class scores.
+
+No NMS and no score threshold: every one of the k detections goes to evaluation. Shapes stay
+static for jit; detections that the official code drops (empty after clipping) are kept in
+place with `valid = False`.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def postprocess(pred_logits, pred_boxes, image_whwh, orig_size, num_detections: int | None = None):
+  """Turns the last stage's outputs into detections in original-image pixels.
+
+  Args:
+    pred_logits: [B, N, C] class logits of the last stage.
+    pred_boxes: [B, N, 4] absolute xyxy boxes in input (resized) pixels.
+    image_whwh: [B, 4] (w, h, w, h) of each resized, unpadded image.
+    orig_size: [B, 2] (h, w) of each original image.
+    num_detections: k; defaults to N.
+  Returns:
+    dict of "scores" [B, k] (descending), "labels" [B, k] int32 (0..C-1), "boxes" [B, k, 4]
+    xyxy in original-image pixels clipped to the image, "proposal_index" [B, k] int32, and
+    "valid" [B, k] bool (False for boxes empty after clipping).
+  """
+  batch, num, num_classes = pred_logits.shape
+  k = num if num_detections is None else num_detections
+  scores, index = jax.lax.top_k(jax.nn.sigmoid(pred_logits).reshape(batch, num * num_classes), k)
+  proposal = index // num_classes
+  boxes = jnp.take_along_axis(pred_boxes, proposal[..., None], axis=1)
+  orig_h = orig_size[:, 0].astype(boxes.dtype)
+  orig_w = orig_size[:, 1].astype(boxes.dtype)
+  scale = jnp.stack([orig_w / image_whwh[:, 0], orig_h / image_whwh[:, 1]] * 2, axis=-1)
+  boxes = boxes * scale[:, None, :]
+  limit = jnp.stack([orig_w, orig_h] * 2, axis=-1)[:, None, :]
+  boxes = jnp.clip(boxes, 0.0, limit)
+  valid = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+  return {"scores": scores, "labels": (index % num_classes).astype(jnp.int32), "boxes": boxes,
+          "proposal_index": proposal.astype(jnp.int32), "valid": valid}
