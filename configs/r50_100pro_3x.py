@@ -1,0 +1,59 @@
+"""Sparse R-CNN, ResNet-50 FPN, 100 proposals, 3x schedule: the official recipe (42.8 AP).
+
+  python train.py --config configs/r50_100pro_3x.py --workdir workdirs/r50_100pro_3x \
+      --config.data.source=coco --config.data.root=/path/to/coco
+
+Every other recipe starts from this file and overrides fields; any field can also be
+overridden on the command line, e.g. --config.model.num_proposals=300.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Model (SPEC.md sections 2-4).
+  config.model = model = ml_collections.ConfigDict()
+  model.num_classes = 80
+  model.num_proposals = 100
+  model.num_stages = 6
+  model.hidden_dim = 256
+  model.dim_feedforward = 2048
+  model.num_heads = 8
+  model.dim_dynamic = 64
+  model.num_cls_layers = 1
+  model.num_reg_layers = 3
+  model.pooler_resolution = 7
+  model.sampling_ratio = 2
+  model.dropout = 0.0
+  model.prior_prob = 0.01
+  # The paper's ablations: interaction dynamic_conv | attention (Table 8) | static (Table 4,
+  # without instance interaction); self_attention (Table 4); feature_reuse (Table 3);
+  # proposal_init image | center | grid | random (Table 5).
+  model.interaction = "dynamic_conv"
+  model.self_attention = True
+  model.feature_reuse = True
+  model.proposal_init = "image"
+  model.backbone = ml_collections.ConfigDict(
+      dict(depth=50, width=64, norm="frozen_bn", freeze_at=2))
+  # Optional weights to start from: torchvision ImageNet ResNet (.pth/.npz) or a whole
+  # official Sparse R-CNN checkpoint.
+  model.torchvision_weights = ""
+  model.official_checkpoint = ""
+
+  # Loss and matching (SPEC.md section 5).
+  config.loss = ml_collections.ConfigDict(dict(
+      class_weight=2.0, l1_weight=5.0, giou_weight=2.0, focal_alpha=0.25, focal_gamma=2.0,
+      matcher="scipy"))
+
+  # Optimizer and schedule (SPEC.md section 7), for a global batch of `train.batch_size`.
+  config.optimizer = ml_collections.ConfigDict(dict(
+      base_learning_rate=2.5e-5, base_batch_size=16, b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=1e-4, clip_norm=1.0, warmup_steps=1000, warmup_factor=0.01,
+      decay_at=(210_000 / 270_000, 250_000 / 270_000), decay_factor=0.1))
+
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=16, num_steps=270_000, log_every=20, checkpoint_every=5000,
+      keep_checkpoints=3, eval_every=0, max_nonfinite_in_a_row=20))
+  return config
