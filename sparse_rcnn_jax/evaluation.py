@@ -158,8 +158,10 @@ def evaluate(gt: str | os.PathLike | Mapping[str, Any],
     evaluator.evaluate()
     evaluator.accumulate()
 
-  precision = evaluator.eval["precision"]  # [IoU thresholds, recall points, classes, areas, maxDets]
-  recall = evaluator.eval["recall"]  # [IoU thresholds, classes, areas, maxDets]
+  # precision: [IoU thresholds, recall points, classes, areas, maxDets];
+  # recall: [IoU thresholds, classes, areas, maxDets]; -1 where undefined.
+  precision = evaluator.eval["precision"]
+  recall = evaluator.eval["recall"]
   at_max = params.maxDets.index(max_dets)
   area = {label: i for i, label in enumerate(params.areaRngLbl)}  # all, small, medium, large
   iou = lambda t: np.flatnonzero(np.isclose(params.iouThrs, t))

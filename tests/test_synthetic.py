@@ -68,7 +68,8 @@ def test_sizes_counts_and_empty_images(dataset):
   per_image = np.bincount([a["image_id"] for a in coco["annotations"]], minlength=121)[1:]
   assert per_image.max() <= 8
   assert 4 <= (per_image == 0).sum() <= 25  # empty_fraction=0.1 of 120.
-  counts = np.bincount([synthetic.CATEGORY_IDS.index(a["category_id"]) for a in coco["annotations"]])
+  labels = [synthetic.CATEGORY_IDS.index(a["category_id"]) for a in coco["annotations"]]
+  counts = np.bincount(labels)
   assert len(counts) == 5 and counts.min() > 0.6 * counts.mean()
   longer_side = np.array([max(a["bbox"][2:]) for a in coco["annotations"]]) / 96
   assert longer_side.min() >= 0.08 - 0.02 and longer_side.max() <= 0.6 + 0.02
