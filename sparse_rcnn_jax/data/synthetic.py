@@ -214,7 +214,7 @@ def _paint(rng: np.random.Generator, image: np.ndarray, alpha: np.ndarray, box: 
 # Scenes.
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, min_scale: float) -> np.ndarray:
   """Gradient, blotchy texture, lines, arcs and dots: [S, S, 3] float32 in 0..255."""
   c0, c1 = rng.uniform(0.0, 255.0, (2, 3))
   angle = rng.uniform(0.0, 2.0 * np.pi)
@@ -239,8 +239,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     start = rng.uniform(0, 360)
     draw.arc([tuple(corner), tuple(corner + extent)], start, start + rng.uniform(40, 200),
              fill=colour(), width=int(rng.integers(1, 3)))
-  # Dots stay below the smallest object size so they are never plausible objects.
-  max_radius = max(1.0, 0.25 * 0.08 * size)
+  # Dots are at most half the smallest object's size, so they are never plausible objects.
+  max_radius = max(1.0, 0.25 * min_scale * size)
   for _ in range(rng.integers(0, 9)):
     centre = rng.uniform(0, size, 2)
     r = rng.uniform(1.0, max_radius)
@@ -271,7 +271,7 @@ def render_scene(seed: int, split: str, index: int, cfg: SyntheticConfig
   """
   rng = np.random.default_rng([seed, SPLITS.index(split), index])
   size = cfg.image_size
-  image = _background(rng, size)
+  image = _background(rng, size, cfg.min_scale)
   empty = rng.uniform() < cfg.empty_fraction
   num_objects = 0 if empty else int(rng.integers(1, cfg.max_objects + 1))
   alphas, visible, colours, objects = [], [], [], []
