@@ -1,0 +1,63 @@
+"""What every benchmark shares: machine description, timing, a printed table, a JSON file."""
+import json
+import os
+import pathlib
+import platform
+import resource
+import time
+
+import jax
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+  """The machine the numbers were measured on."""
+  device = jax.devices()[0]
+  return {"platform": device.platform, "device_kind": device.device_kind,
+          "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
+          "processor": platform.processor() or platform.machine(),
+          "python": platform.python_version(), "jax": jax.__version__}
+
+
+def peak_memory_mb() -> dict:
+  """Peak host RSS of this process, and the accelerator's peak where JAX reports it."""
+  out = {"host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
+  return out
+
+
+def time_compiled(fn, *args, repeats: int = 5, warmup: int = 1) -> tuple[float, float, object]:
+  """(compile seconds, mean seconds per call, compiled fn) of a jitted function."""
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  start = time.perf_counter()
+  for _ in range(repeats):
+    jax.block_until_ready(compiled(*args))
+  return compile_s, (time.perf_counter() - start) / repeats, compiled
+
+
+def report(name: str, rows: list[dict], columns: list[str]) -> pathlib.Path:
+  """Prints rows as a table and writes {machine, rows} to benchmarks/results/NAME_PLATFORM.json."""
+  widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+  print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
+  print("-+-".join("-" * w for w in widths))
+  for r in rows:
+    print(" | ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+  info = machine()
+  RESULTS_DIR.mkdir(exist_ok=True)
+  path = RESULTS_DIR / f"{name}_{info['platform']}.json"
+  path.write_text(json.dumps({"benchmark": name, "machine": info, "rows": rows}, indent=1))
+  print(f"\nwrote {path}")
+  return path
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return "" if v is None else str(v)
