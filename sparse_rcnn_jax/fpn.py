@@ -1,0 +1,58 @@
+"""Feature pyramid network (Lin et al. 2017), exactly detectron2's FPN as Sparse R-CNN uses it.
+
+1x1 lateral convs and 3x3 output convs, both with bias and no norm; the top-down path upsamples
+by nearest x2 and sums. No P6: the official code builds one but never uses it. Submodule names
+are detectron2's (`fpn_lateral2`, `fpn_output2`, ...).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# detectron2's c2_xavier_fill: kaiming_uniform with a=1, i.e. U(+-sqrt(3 / fan_in)); bias 0.
+_c2_xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+
+def _upsample_nearest_2x(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated (F.interpolate(mode="nearest"))."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class FPN(nn.Module):
+  """Top-down pyramid over ResNet features.
+
+  Attributes:
+    out_channels: channels of every pyramid level (256 in the paper).
+    in_levels: backbone levels used, from fine to coarse; level l reads features[f"res{l}"]
+      (stride 2**l) and gives P_l.
+  """
+  out_channels: int = 256
+  in_levels: tuple[int, ...] = (2, 3, 4, 5)
+
+  @nn.compact
+  def __call__(self, features: dict[str, jax.Array]) -> list[jax.Array]:
+    """features: {"res2": [B, H/4, W/4, C2], ..., "res5": [B, H/32, W/32, C5]}, NHWC.
+
+    Returns:
+      [P2, P3, P4, P5], each [B, H/2**l, W/2**l, out_channels]. Each level must be exactly twice
+      the size of the next coarser one, i.e. the image height and width multiples of 32.
+    """
+    def conv(kernel_size: int, name: str) -> nn.Conv:
+      pad = (kernel_size - 1) // 2
+      return nn.Conv(self.out_channels, (kernel_size, kernel_size),
+                     padding=((pad, pad), (pad, pad)), kernel_init=_c2_xavier_fill,
+                     bias_init=nn.initializers.zeros, name=name)
+
+    outputs = []
+    top_down = None
+    for level in reversed(self.in_levels):
+      lateral = conv(1, f"fpn_lateral{level}")(features[f"res{level}"])
+      if top_down is not None:
+        upsampled = _upsample_nearest_2x(top_down)
+        if upsampled.shape != lateral.shape:
+          raise ValueError(
+              f"FPN: res{level} has spatial size {lateral.shape[1:3]}, but twice the coarser "
+              f"level is {upsampled.shape[1:3]}; pad images to multiples of 32.")
+        lateral = lateral + upsampled
+      top_down = lateral
+      outputs.append(conv(3, f"fpn_output{level}")(lateral))
+    return outputs[::-1]
