@@ -1,12 +1,17 @@
 """Sparse R-CNN, ResNet-50 FPN, 100 proposals, 3x schedule: the official recipe (42.8 AP).
 
   python train.py --config configs/r50_100pro_3x.py --workdir workdirs/r50_100pro_3x \
-      --config.data.source=coco --config.data.root=/path/to/coco
+      --config.data.train_ann=coco/annotations/instances_train2017.json \
+      --config.data.train_images=coco/train2017 \
+      --config.data.eval_ann=coco/annotations/instances_val2017.json \
+      --config.data.eval_images=coco/val2017
 
 Every other recipe starts from this file and overrides fields; any field can also be
 overridden on the command line, e.g. --config.model.num_proposals=300.
 """
 import ml_collections
+
+from sparse_rcnn_jax.data import config as data_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -42,18 +47,21 @@ def get_config() -> ml_collections.ConfigDict:
   model.torchvision_weights = ""
   model.official_checkpoint = ""
 
+  # Data (SPEC.md section 1; fields documented in sparse_rcnn_jax/data/config.py).
+  config.data = data_config.default_config()
+
   # Loss and matching (SPEC.md section 5).
   config.loss = ml_collections.ConfigDict(dict(
       class_weight=2.0, l1_weight=5.0, giou_weight=2.0, focal_alpha=0.25, focal_gamma=2.0,
       matcher="scipy"))
 
-  # Optimizer and schedule (SPEC.md section 7), for a global batch of `train.batch_size`.
+  # Optimizer and schedule (SPEC.md section 7); the lr scales with data.batch_size.
   config.optimizer = ml_collections.ConfigDict(dict(
       base_learning_rate=2.5e-5, base_batch_size=16, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=1e-4, clip_norm=1.0, warmup_steps=1000, warmup_factor=0.01,
       decay_at=(210_000 / 270_000, 250_000 / 270_000), decay_factor=0.1))
 
   config.train = ml_collections.ConfigDict(dict(
-      batch_size=16, num_steps=270_000, log_every=20, checkpoint_every=5000,
+      num_steps=270_000, log_every=20, checkpoint_every=5000,
       keep_checkpoints=3, eval_every=0, max_nonfinite_in_a_row=20))
   return config

@@ -1,0 +1,29 @@
+"""Real data from scratch: BCCD blood-cell detection (RBC, WBC, platelets), trainval -> test.
+
+  python train.py --config configs/bccd.py --workdir workdirs/bccd
+
+Reads the COCO-format BCCD folder at ../shared/data/bccd (override data.train_ann etc. to
+point elsewhere). No pretrained weights: a small ResNet with group norm, from scratch.
+"""
+from configs import r50_100pro_3x
+
+BCCD = "../shared/data/bccd"
+
+
+def get_config():
+  config = r50_100pro_3x.get_config()
+  data = config.data
+  data.update(train_ann=f"{BCCD}/instances_trainval.json", train_images=f"{BCCD}/JPEGImages",
+              eval_ann=f"{BCCD}/instances_test.json", eval_images=f"{BCCD}/JPEGImages",
+              train_scales=(224, 256, 288, 320), max_size=427, test_scale=288, max_boxes=64,
+              batch_size=4, eval_batch_size=8, num_workers=0, read_threads=2)
+
+  model = config.model
+  model.update(num_proposals=100, num_stages=3, hidden_dim=64, dim_feedforward=256,
+               num_heads=4, dim_dynamic=16)
+  model.backbone.update(depth=18, width=32, norm="group_norm", freeze_at=0)
+
+  config.optimizer.update(base_learning_rate=2e-4, base_batch_size=4, warmup_steps=200,
+                          decay_at=(0.75, 0.9))
+  config.train.update(num_steps=3000, log_every=25, checkpoint_every=500, eval_every=0)
+  return config
