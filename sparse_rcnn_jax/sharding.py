@@ -1,0 +1,47 @@
+"""Devices, hosts and the mesh: one code path for one CPU, many devices and many hosts.
+
+The mesh has a "data" axis over every device of every host: the batch is split along it and
+parameters are replicated. A "model" axis can be added to MESH_AXES later (with parameter
+shardings that name it) without touching the training step, which only speaks of shardings.
+"""
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+MESH_AXES = (DATA_AXIS,)
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1) -> None:
+  """Joins a multi-host run; a no-op for one process.
+
+  With an address, the run spans `num_processes` processes and this is `process_id`. Without
+  one, JAX auto-detects cluster environments it knows (SLURM, Cloud TPU, ...); if none is
+  found this stays a single-process run.
+  """
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    return
+  try:
+    jax.distributed.initialize()
+  except (ValueError, RuntimeError):
+    pass  # not in a cluster JAX recognizes: one process
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D "data" mesh over `devices` (default: all devices of all hosts)."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devices.reshape(-1), MESH_AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the data axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
