@@ -10,30 +10,29 @@ training step. A matcher is any function with the signature of `hungarian_match`
 registered in MATCHERS and chosen by `config.loss.matcher` without touching the loss. Under a
 mesh, `per_device` runs a matcher on each device's own images (no all-gather of costs).
 
-Why the callback's arguments are split into chunks of at most 64 KiB (`_to_chunks`), the cause
-of the hangs seen with callbacks on several CPU devices (jaxlib 0.10.2, measured on a 2-core
-host with --xla_force_host_platform_device_count=8):
+Why the callback's arguments are split into chunks of at most 64 KiB (`_to_chunks`): the cause
+of the hangs seen with callbacks on several CPU devices (jaxlib 0.10.2, 2-core host,
+--xla_force_host_platform_device_count=8), found with gdb on the hung processes:
   * `pure_callback` hands the callback `jax.Array`s made by `device_put` of the incoming NumPy
     buffers (jax/_src/callback.py, pure_callback_impl). The XLA:CPU client copies a host buffer
     larger than kSmallDataTransferByteSize (100 KiB) asynchronously, as a task on its
     async-work thread pool; reading the array in the callback waits for that task.
-  * That pool has max(cores, devices) threads and also runs every device's program. When each
-    thread is held by a device blocked in its callback (waiting for its copy) or in a
-    collective (waiting for a device still in its callback), no thread is left to run the
-    copies: a deadlock. It depends on timing (who is still in the callback when the others
-    block), hence "1 run in 12" under shard_map; under plain jit the cost matrices of all
-    devices are gathered to one callback on device 0 while the other devices wait in the
-    gather, which made it near certain. gdb shows the callback threads in
-    PyArray_bf_getbuffer -> Future::Await and the rest in InProcessCommunicator; one device
-    that sleeps in its callback while the others wait in a psum deadlocks every time with a
+  * That pool has max(cores, devices) threads and also runs the devices' programs. When every
+    thread is held by a device blocked in its callback (waiting for its own copy) or in a
+    collective (waiting for a device still in its callback), nothing is left to run the
+    copies: deadlock. Under shard_map it depends on timing, hence "1 run in 12"; under plain
+    jit all devices' costs are gathered into one callback on device 0 while the other devices
+    wait in the collective that returns its result: every time, once above 100 KiB.
+    Threads sit in PyArray_bf_getbuffer -> Future::Await and in InProcessCommunicator; a
+    callback that sleeps on one device while the others wait in a psum deadlocks with a
     104 KB argument and never with a 100 KB one.
-  * Arguments of at most 64 KiB are copied synchronously inside `device_put`, so the callback
+  * An argument of at most 64 KiB is copied synchronously inside `device_put`, so the callback
     never waits on the pool, whatever the other devices are doing.
-A second, separate hazard is not the matcher's: on several devices of one CPU process, a
-host that dispatches 32 or more steps without waiting fills the per-device in-flight
-semaphore, and launches blocked on it occupy the same pool threads that the collectives'
-missing participants need (it hangs with no callback at all). A training loop must therefore
-wait on a step's result at least every 31 steps (the trainer reads a scalar every step).
+A second hazard is not the matcher's: with several devices in one CPU process, a host that
+dispatches 32 or more steps without waiting fills the per-device in-flight semaphore, and the
+launches blocked on it hold the pool threads that a collective's missing participants need
+(it hangs without any callback). A training loop must wait on a result at least every 31
+steps (the trainer reads a scalar every step).
 """
 from typing import Callable
 

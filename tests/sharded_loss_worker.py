@@ -13,7 +13,8 @@ training, and each step updates it. Each device's cost blocks exceed 100 KiB, th
 which pure_callback's arguments used to reach the callback through an asynchronous copy (see
 matcher.py). The host dispatches `--window` steps before reading them: pipelined, but fewer
 than 32 in flight (the limit matcher.py's docstring explains). Prints one JSON line; exits 1
-on a mismatch.
+on a mismatch. The JSON also counts the all-gathers and host callbacks in the compiled
+per-device program.
 """
 import argparse
 import faulthandler
@@ -104,6 +105,10 @@ def main() -> int:
   g_targets = {k: global_array(v, split_targets, 0) for k, v in targets.items()}
   params = {"scale": np.ones((C,), np.float32), "shift": np.zeros((4,), np.float32)}
   params = jax.device_put(params, replicated)
+  # The per-device program: its collectives and host callbacks.
+  hlo = sharded_step.lower(params, g_base, g_targets).compile().as_text()
+  program = {"all_gathers": hlo.count("all-gather-start(") + hlo.count("all-gather("),
+             "callbacks": hlo.count('custom_call_target="xla_ffi_python_cpu_callback"')}
 
   worst, start = 0.0, time.perf_counter()
   for first in range(0, args.steps, args.window):
@@ -123,7 +128,7 @@ def main() -> int:
       worst = max(worst, *errors)
   ok = worst < 1e-5
   print(json.dumps({"mode": args.mode, "process": jax.process_index(), "devices": len(devices),
-                    "steps": args.steps, "worst_relative_error": worst, "ok": ok,
+                    "steps": args.steps, "worst_relative_error": worst, "ok": ok, **program,
                     "seconds": round(time.perf_counter() - start, 2)}), flush=True)
   return 0 if ok else 1
 

@@ -56,9 +56,15 @@ def _launch(args: list[str], devices: int) -> subprocess.Popen:
       env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _check_program(result: dict) -> None:
+  """Each device matches its own images: one host callback, no all-gather of costs."""
+  assert result["callbacks"] == 1 and result["all_gathers"] == 0, result
+
+
 def run_on_8_devices(steps: int) -> dict:
   (result,) = _results([_launch(["--mode", "devices", "--steps", str(steps)], devices=8)])
   assert result["devices"] == 8
+  _check_program(result)
   return result
 
 
@@ -67,6 +73,8 @@ def run_in_2_processes(steps: int) -> list[dict]:
   results = _results([_launch(["--mode", "processes", "--steps", str(steps), "--port", port,
                                "--process-id", str(i)], devices=1) for i in range(2)])
   assert [r["process"] for r in results] == [0, 1] and results[0]["devices"] == 2
+  for result in results:
+    _check_program(result)
   return results
 
 
