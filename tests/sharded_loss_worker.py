@@ -22,7 +22,14 @@ import json
 import sys
 import time
 
+import jax
+import ml_collections
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sparse_rcnn_jax import losses
 
 S, N, C, M = 3, 100, 8, 100   # stages, proposals, classes, GT slots: 120 KB of costs per image
 BATCH_PER_DEVICE = 1
@@ -62,14 +69,9 @@ def main() -> int:
   if args.dump_after:
     faulthandler.dump_traceback_later(args.dump_after, exit=False)
 
-  import jax  # pylint: disable=g-import-not-at-top
-  if args.mode == "processes":
+  if args.mode == "processes":   # before anything touches a device
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
                                num_processes=args.num_processes, process_id=args.process_id)
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from sparse_rcnn_jax import losses  # pylint: disable=g-import-not-at-top
 
   config = ml_collections.ConfigDict(dict(class_weight=2.0, l1_weight=5.0, giou_weight=2.0,
                                           focal_alpha=0.25, focal_gamma=2.0, matcher="scipy"))
