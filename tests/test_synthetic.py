@@ -128,6 +128,13 @@ def test_folder_that_is_not_a_synthetic_set_is_never_touched(tmp_path):
   assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+def test_empty_folder_is_filled(tmp_path):
+  (tmp_path / "empty").mkdir()
+  paths = synthetic.generate(tmp_path / "empty", seed=1, **SMALL)
+  assert _load(paths.root / "manifest.json")["config"]["seed"] == 1
+  assert paths.train_annotations.exists()
+
+
 def test_interrupted_generation_leaves_no_half_set_and_recovers(tmp_path, monkeypatch):
   root = tmp_path / "set"
   write_split = synthetic._write_split

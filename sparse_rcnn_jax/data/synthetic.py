@@ -408,6 +408,8 @@ def generate(root: str | os.PathLike, *, num_train: int = 800, num_val: int = 10
   cfg.validate()
   root = pathlib.Path(root).absolute()
   wanted = _manifest(cfg)
+  if root.is_dir() and not any(root.iterdir()):
+    root.rmdir()  # An empty folder (made ahead by a user or a test) is filled like a new one.
   if root.exists():
     found = _read_manifest(root)
     if found == wanted:

@@ -1,0 +1,78 @@
+"""Inference over a dataset split on the mesh, and its COCO evaluation.
+
+Batches are split over the mesh's "data" axis like training; detections are gathered from
+every host so the lead host can write one results file and run COCOeval on it.
+"""
+import logging
+from typing import Callable, Iterable
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from sparse_rcnn_jax import evaluation
+from sparse_rcnn_jax import postprocess
+from sparse_rcnn_jax import sharding
+from sparse_rcnn_jax.data import pipeline
+
+log = logging.getLogger(__name__)
+
+
+def make_predict_fn(model, mesh, num_detections: int | None = None) -> Callable:
+  """jit(variables, batch) -> detections (postprocess.postprocess) of the last stage.
+
+  Also returns "stage_boxes" [B, S + 1, N, 4]: the proposal boxes then each stage's boxes,
+  in original-image pixels, for pictures like the paper's Figure 4.
+  """
+  def predict(variables, batch):
+    out = model.apply(variables, batch["image"], batch["image_whwh"])
+    dets = postprocess.postprocess(out["pred_logits"][-1], out["pred_boxes"][-1],
+                                   batch["image_whwh"], batch["orig_size"], num_detections)
+    boxes = jax.numpy.concatenate([out["proposal_boxes"][None], out["pred_boxes"]])
+    scale = (batch["orig_size"][:, ::-1] / batch["image_whwh"][:, :2]).astype(boxes.dtype)
+    dets["stage_boxes"] = jax.numpy.moveaxis(boxes, 0, 1) * jax.numpy.tile(scale, 2)[:, None,
+                                                                                  None]
+    dets["stage_scores"] = jax.nn.sigmoid(out["pred_logits"]).max(-1).swapaxes(0, 1)
+    return dets
+  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                 out_shardings=sharding.batch_sharded(mesh))
+
+
+def _gather(tree):
+  """Batch-sharded global arrays, or host-local NumPy batches, -> the whole batch as NumPy
+  on every host (hosts in process order, as the global batch is assembled)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def predict_dataset(predict_fn, variables, batches: Iterable[dict], mesh,
+                    label_to_category_id) -> list[dict]:
+  """COCO-format detections for every valid image of `batches` (host-local batches)."""
+  results = []
+  for batch in batches:
+    dets = predict_fn(variables, pipeline.make_global_batch(batch, mesh))
+    dets = _gather({k: dets[k] for k in ("boxes", "scores", "labels", "valid")})
+    local = _gather({"image_id": batch["image_id"], "valid": batch["valid"]})
+    valid = np.asarray(dets["valid"]) & np.asarray(local["valid"])[:, None]
+    results += evaluation.detections_to_coco(local["image_id"], dets["boxes"], dets["scores"],
+                                             dets["labels"], valid, label_to_category_id)
+  return results
+
+
+def evaluate_split(model, variables, config: ml_collections.ConfigDict, mesh,
+                   source=None, results_path=None) -> dict:
+  """Runs inference on the eval split of `config.data` and evaluates it with COCOeval.
+
+  Returns the metrics of evaluation.evaluate (AP, AP50, ..., per-class AP). The lead host
+  writes the detections to `results_path` if given.
+  """
+  source = source or pipeline.load_source(config.data, "eval")
+  predict_fn = make_predict_fn(model, mesh)
+  results = predict_dataset(predict_fn, variables, pipeline.eval_iterator(config.data, source),
+                            mesh, source.label_to_category_id)
+  if results_path is not None and jax.process_index() == 0:
+    evaluation.write_results(results, results_path)
+  return evaluation.evaluate(source.coco_gt(), results, class_names=source.class_names,
+                             max_dets=max(100, config.model.num_proposals))

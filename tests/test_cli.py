@@ -1,0 +1,115 @@
+"""End to end through the command lines: train.py -> eval.py -> predict.py.
+
+The main job's config (configs/synthetic.py) shrunk by overrides to a few steps on a tiny set,
+so the test runs the same code path as the README's first command.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT = 600
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR@100")
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=TIMEOUT, check=False)
+  assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+  return proc
+
+
+def _config_flags(data_root: pathlib.Path) -> list[str]:
+  overrides = {
+      "data.synthetic.root": data_root, "data.synthetic.num_train": 12,
+      "data.synthetic.num_val": 6, "data.synthetic.image_size": 64,
+      "data.train_scales": "(64,)", "data.max_size": 64, "data.test_scale": 64,
+      "data.batch_size": 4, "data.eval_batch_size": 4,
+      "model.num_proposals": 8, "model.num_stages": 2, "model.hidden_dim": 32,
+      "model.dim_feedforward": 64, "model.num_heads": 2, "model.dim_dynamic": 8,
+      "model.backbone.width": 8, "train.num_steps": 3, "train.log_every": 1,
+      "train.checkpoint_every": 2, "optimizer.warmup_steps": 1}
+  return ["--config", str(ROOT / "configs" / "synthetic.py")] + [
+      f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  base = tmp_path_factory.mktemp("cli")
+  flags = _config_flags(base / "data")
+  proc = _run("train.py", *flags, "--workdir", str(base / "work"))
+  return base, flags, proc
+
+
+def test_train_prints_the_table_and_writes_results(trained):
+  base, _, proc = trained
+  work = base / "work"
+  assert "COCO evaluation at step 3 (6 images)" in proc.stdout
+  for name in METRICS:
+    assert name in proc.stdout
+  metrics = json.loads((work / "eval_step3.json").read_text())
+  assert all(0.0 <= metrics[k] <= 1.0 or metrics[k] == -1.0 for k in METRICS)
+  detections = json.loads((work / "detections_step3.json").read_text())
+  per_image = np.bincount([d["image_id"] for d in detections])
+  assert per_image.max() <= 8 and len({d["image_id"] for d in detections}) == 6
+  records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+  assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) \
+      == [2, 3]
+  pictures = sorted(work.glob("*.png"))
+  assert pictures and all(Image.open(p).size[0] > 0 for p in pictures)
+
+
+def test_running_the_same_command_again_resumes_at_the_end(trained):
+  base, flags, _ = trained
+  proc = _run("train.py", *flags, "--workdir", str(base / "work"), "--eval=false")
+  assert "Resumed from step 3" in proc.stderr
+  records = (base / "work" / "metrics.jsonl").read_text().splitlines()
+  assert len([r for r in records if '"loss"' in r]) == 3
+
+
+def test_eval_reproduces_the_training_evaluation(trained, tmp_path):
+  base, flags, _ = trained
+  proc = _run("eval.py", *flags, "--workdir", str(base / "work"), "--out", str(tmp_path))
+  assert "AP50" in proc.stdout
+  ours = json.loads((tmp_path / "eval_step3.json").read_text())
+  theirs = json.loads((base / "work" / "eval_step3.json").read_text())
+  for name in METRICS:
+    assert ours[name] == pytest.approx(theirs[name], abs=1e-6)
+
+
+def test_predict_draws_images_and_writes_detections(trained, tmp_path):
+  base, flags, _ = trained
+  images = sorted((base / "data").rglob("*.png"))[:2] or sorted((base / "data").rglob("*.jpg"))[:2]
+  assert images
+  proc = _run("predict.py", *flags, "--workdir", str(base / "work"), "--images",
+              ",".join(map(str, images)), "--out", str(tmp_path / "pred"),
+              "--threshold", "0.0")
+  assert "2 image(s)" in proc.stdout
+  for image in images:
+    assert Image.open(tmp_path / "pred" / f"{image.stem}.png").size == Image.open(image).size
+    assert (tmp_path / "pred" / f"{image.stem}_stages.png").exists()
+  records = json.loads((tmp_path / "pred" / "detections.json").read_text())
+  assert {r["file"] for r in records} == set(map(str, images))
+  assert all(len(r["box_xyxy"]) == 4 and 0.0 <= r["score"] <= 1.0 for r in records)
+
+
+def test_bad_arguments_are_explained(trained, tmp_path):
+  base, flags, _ = trained
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, str(ROOT / "predict.py"), *flags, "--workdir",
+                         str(base / "work"), "--images", str(tmp_path / "missing.jpg")],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+                        check=False)
+  assert proc.returncode != 0 and "No such image file or folder" in proc.stderr
+  proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *flags], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=TIMEOUT, check=False)
+  assert proc.returncode != 0 and "exactly one of --workdir or --checkpoint" in proc.stderr
