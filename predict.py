@@ -22,7 +22,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkp
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _IMAGES = flags.DEFINE_list("images", None, "Image files and/or folders of images.")
 _OUT = flags.DEFINE_string("out", "predictions", "Output folder.")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.3, "Minimum score of a drawn box.")
+_THRESHOLD = flags.DEFINE_float("threshold", None, "Minimum score of a drawn box "
+                                 "(default: the config's display_threshold).")
 flags.mark_flags_as_required(["config", "workdir", "images"])
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -63,6 +64,7 @@ def main(argv):
   predict_fn = inference.make_predict_fn(detector.build_model(config.model), mesh)
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
+  threshold = config.display_threshold if _THRESHOLD.value is None else _THRESHOLD.value
   records = []
   for path in paths:
     try:
@@ -81,12 +83,12 @@ def main(argv):
     keep = dets["valid"]
     picture = visualize.draw_detections(image, dets["boxes"][keep], dets["scores"][keep],
                                         dets["labels"][keep], dataset.class_names,
-                                        score_threshold=_THRESHOLD.value)
+                                        score_threshold=threshold)
     visualize.save_png(picture, out / f"{path.stem}.png")
     scores = np.concatenate([np.ones((1, dets["stage_scores"].shape[-1])),
                              dets["stage_scores"]])
     strip = visualize.draw_stages(image, dets["stage_boxes"], scores,
-                                  score_threshold=_THRESHOLD.value)
+                                  score_threshold=threshold)
     visualize.save_png(strip, out / f"{path.stem}_stages.png")
     records += [{"file": str(path), "box_xyxy": [round(float(v), 2) for v in box],
                  "score": float(score), "label": int(label),

@@ -15,15 +15,15 @@ def get_config():
   data = config.data
   data.update(train_ann=f"{BCCD}/instances_trainval.json", train_images=f"{BCCD}/JPEGImages",
               eval_ann=f"{BCCD}/instances_test.json", eval_images=f"{BCCD}/JPEGImages",
-              train_scales=(224, 256, 288, 320), max_size=427, test_scale=288, max_boxes=64,
+              train_scales=(224, 256, 288), max_size=384, test_scale=256, max_boxes=40,
               batch_size=4, eval_batch_size=8, num_workers=0, read_threads=2)
 
   model = config.model
-  model.update(num_proposals=100, num_stages=3, hidden_dim=64, dim_feedforward=256,
+  model.update(num_proposals=50, num_stages=3, hidden_dim=64, dim_feedforward=256,
                num_heads=4, dim_dynamic=16)
-  model.backbone.update(depth=18, width=32, norm="group_norm", freeze_at=0)
+  model.backbone.update(depth=18, width=16, norm="group_norm", freeze_at=0)
 
-  config.optimizer.update(base_learning_rate=2e-4, base_batch_size=4, warmup_steps=200,
+  config.optimizer.update(base_learning_rate=5e-4, base_batch_size=8, warmup_steps=100,
                           decay_at=(0.75, 0.9))
   config.train.update(num_steps=3000, log_every=25, checkpoint_every=500, eval_every=0)
   return config

@@ -17,6 +17,8 @@ from sparse_rcnn_jax.data import config as data_config
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Pictures only (the main job's, predict.py's): detections scoring below it are not drawn.
+  config.display_threshold = 0.3
 
   # Model (SPEC.md sections 2-4).
   config.model = model = ml_collections.ConfigDict()

@@ -48,8 +48,8 @@ def _variables(state) -> dict:
 
 def draw_examples(model, variables, config, mesh, source, workdir: pathlib.Path,
                   num_images: int = 4) -> list[pathlib.Path]:
-  """Detections (score >= 0.3) and a Figure-4 strip of per-stage boxes for a few eval images,
-  drawn on the resized images the model saw."""
+  """Detections (score >= config.display_threshold) and a Figure-4 strip of per-stage boxes
+  for a few eval images, drawn on the resized images the model saw."""
   predict_fn = inference.make_predict_fn(model, mesh)
   batch = next(iter(pipeline.eval_iterator(config.data, source)))
   dets = jax.device_get(predict_fn(variables, pipeline.make_global_batch(batch, mesh)))
@@ -62,11 +62,13 @@ def draw_examples(model, variables, config, mesh, source, workdir: pathlib.Path,
     keep = dets["valid"][g]
     picture = visualize.draw_detections(image, dets["boxes"][g][keep] * to_resized,
                                         dets["scores"][g][keep], dets["labels"][g][keep],
-                                        source.class_names)
+                                        source.class_names,
+                                        score_threshold=config.display_threshold)
     paths.append(visualize.save_png(picture, workdir / f"detections_{i}.png"))
     scores = np.concatenate([np.ones((1, dets["stage_scores"].shape[-1])),
                              dets["stage_scores"][g]])
-    strip = visualize.draw_stages(image, dets["stage_boxes"][g] * to_resized, scores)
+    strip = visualize.draw_stages(image, dets["stage_boxes"][g] * to_resized, scores,
+                                  score_threshold=config.display_threshold)
     paths.append(visualize.save_png(strip, workdir / f"stages_{i}.png"))
   return paths
 
