@@ -15,8 +15,11 @@ def get_config():
   config = r50_100pro_3x.get_config()
   data = config.data
   data.source = "synthetic"
+  # The generator's arguments (sparse_rcnn_jax/data/synthetic.py, SyntheticConfig): size, seed
+  # and difficulty of the set. A folder made with other values is refused, not overwritten.
   data.synthetic = ml_collections.ConfigDict(dict(
-      root="data_cache/synthetic", num_train=800, num_val=100, image_size=160, seed=0))
+      root="data_cache/synthetic", num_train=800, num_val=100, image_size=160, seed=0,
+      max_objects=8, empty_fraction=0.03, min_scale=0.08, max_scale=0.6, min_visible=0.5))
   data.update(train_scales=(128, 144, 160), max_size=160, test_scale=160, max_boxes=16,
               batch_size=8, eval_batch_size=20, num_workers=0, read_threads=2)
 

@@ -4,6 +4,7 @@
 generated under `config.data.synthetic.root` (deterministic from its seed, reused when
 present) and then read as the COCO-format folder it is.
 """
+import dataclasses
 import json
 import logging
 import pathlib
@@ -29,9 +30,16 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
   data = config.data
   if data.source != "synthetic":
     return
-  s = data.synthetic
-  paths = synthetic.generate(s.root, num_train=s.num_train, num_val=s.num_val,
-                             image_size=s.image_size, seed=s.seed)
+  # Every field but `root` is a generator argument (SyntheticConfig): the set's size, image
+  # size, seed and difficulty (objects per image, object scales, occlusion) are config data.
+  params = dict(data.synthetic)
+  root = params.pop("root")
+  known = [f.name for f in dataclasses.fields(synthetic.SyntheticConfig)]
+  unknown = sorted(set(params) - set(known))
+  if unknown:
+    raise ValueError(f"config.data.synthetic has unknown fields {unknown}; the generator "
+                     f"takes {known}")
+  paths = synthetic.generate(root, **params)
   data.source = "coco"
   data.train_ann, data.train_images = map(str, paths.split("train"))
   data.eval_ann, data.eval_images = map(str, paths.split("val"))

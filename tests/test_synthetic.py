@@ -174,3 +174,27 @@ def test_bad_arguments_are_explained(tmp_path):
     synthetic.generate(tmp_path / "x", min_scale=0.7, max_scale=0.5)
   with pytest.raises(ValueError, match="image_format"):
     synthetic.generate(tmp_path / "x", image_format="gif")
+
+
+def test_config_fields_reach_the_generator(tmp_path):
+  """configs set the set's difficulty as data: every data.synthetic field but root is passed."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from sparse_rcnn_jax import experiment  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({"data": {"source": "synthetic", "synthetic": dict(
+      root=str(tmp_path / "set"), num_train=6, num_val=2, image_size=64, seed=3,
+      max_objects=2, empty_fraction=0.0, min_scale=0.3, max_scale=0.5),
+      "train_ann": "", "train_images": "", "eval_ann": "", "eval_images": ""}})
+  experiment.prepare_data(config)
+  assert config.data.source == "coco"
+  manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
+  assert "max_objects" in json.dumps(manifest) and "0.3" in json.dumps(manifest)
+  coco = json.loads(pathlib.Path(config.data.train_ann).read_text())
+  per_image = np.bincount([a["image_id"] for a in coco["annotations"]])
+  assert len(coco["images"]) == 6 and per_image.max() <= 2
+  sides = [max(a["bbox"][2:]) for a in coco["annotations"]]
+  assert min(sides) >= 0.3 * 64 - 2 and max(sides) <= 0.5 * 64 + 2, sides
+
+  config.data.source = "synthetic"
+  config.data.synthetic.max_object = 3
+  with pytest.raises(ValueError, match="max_object"):
+    experiment.prepare_data(config)
