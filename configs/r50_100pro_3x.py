@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_reg_layers = 3
   model.pooler_resolution = 7
   model.sampling_ratio = 2
+  model.canonical_box_size = 224.0  # RoI level: P4 for a box of this side (official: 224)
   model.dropout = 0.0
   model.prior_prob = 0.01
   # The paper's ablations: interaction dynamic_conv | attention (Table 8) | static (Table 4,

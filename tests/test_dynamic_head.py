@@ -161,3 +161,21 @@ def test_jit_and_eager_agree(run):
     eager = DynamicHead(cfg).apply({"params": params}, features, whwh)
   for key in ("pred_logits", "pred_boxes"):
     assert_close(np.asarray(eager[key]), outputs[key], key, CHAINED_RTOL)
+
+
+def test_canonical_box_size_sets_the_pooling_level(run):
+  """model.canonical_box_size (official 224) moves boxes between FPN levels as in detectron2:
+  level = clamp(floor(4 + log2(sqrt(area) / size)), 2, 5)."""
+  cfg, io, params, features, whwh, _, _ = run
+  small = HeadConfig(**{**cfg.__dict__, "canonical_box_size": 28.0})
+  _, state = DynamicHead(small).apply({"params": params}, features, whwh,
+                                      mutable=["intermediates"])
+  inter = state["intermediates"]
+  levels = np.asarray(inter["stage0"]["level_assignments"][0]).reshape(-1)
+  b = np.asarray(inter["stage0"]["boxes_in"][0], np.float64).reshape(-1, 4)
+  side = np.sqrt(np.maximum((b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]), 0))
+  expected = np.clip(np.floor(4 + np.log2(side / 28.0 + 1e-8)), 2, 5) - 2
+  np.testing.assert_array_equal(levels, expected)
+  # A smaller canonical size sends boxes to coarser levels than the official 224 does.
+  official = io["stage0/level_assignments"].reshape(-1)
+  assert (levels >= official).all() and (levels > official).any()
