@@ -1,0 +1,100 @@
+"""Overfit check: the tiny config trained on 8 images drives the loss down steadily.
+
+  python benchmarks/overfit.py                       # coco128 (../shared/data) and synthetic
+  python benchmarks/overfit.py --sets synthetic --steps 300
+
+Each set: the first 8 images that have boxes, batch 4 at 128 px, the trainer of train.py with
+no flip, and a constant learning rate after a short warmup. Prints the loss curve (mean over
+windows of steps) and writes it with the machine to benchmarks/results/overfit_PLATFORM.json.
+"""
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks import common  # pylint: disable=g-import-not-at-top
+from configs import tiny
+from sparse_rcnn_jax import metric_writer, trainer
+from sparse_rcnn_jax.data import synthetic
+
+SHARED = pathlib.Path(os.environ.get("SPARSE_RCNN_SHARED", ROOT.parent / "shared"))
+COCO128 = SHARED / "data" / "coco128"
+
+
+def first_images_with_boxes(annotations: pathlib.Path, count: int, out: pathlib.Path
+                            ) -> pathlib.Path:
+  """A COCO json holding the first `count` images (by id) that have non-crowd boxes."""
+  coco = json.loads(annotations.read_text())
+  with_boxes = {a["image_id"] for a in coco["annotations"] if not a.get("iscrowd", 0)}
+  keep = sorted(with_boxes)[:count]
+  if len(keep) < count:
+    raise ValueError(f"{annotations} has only {len(keep)} images with boxes")
+  coco["images"] = [im for im in coco["images"] if im["id"] in set(keep)]
+  coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in set(keep)]
+  out.write_text(json.dumps(coco))
+  return out
+
+
+def dataset(name: str, scratch: pathlib.Path, count: int) -> tuple[pathlib.Path, pathlib.Path]:
+  """(annotation json, image folder) of `count` images of the named set."""
+  if name == "coco128":
+    if not COCO128.exists():
+      raise FileNotFoundError(f"{COCO128} not found (set SPARSE_RCNN_SHARED)")
+    ann = COCO128 / "annotations" / "instances_train2017.json"
+    return first_images_with_boxes(ann, count, scratch / "coco128.json"), COCO128 / "train2017"
+  paths = synthetic.generate(scratch / "synthetic", num_train=32, num_val=1, image_size=128,
+                             seed=0)
+  ann, images = paths.split("train")
+  return first_images_with_boxes(ann, count, scratch / "synthetic.json"), images
+
+
+def overfit_config(ann: pathlib.Path, images: pathlib.Path, steps: int, batch: int):
+  config = tiny.get_config()
+  config.data.update(train_ann=str(ann), train_images=str(images), eval_ann="", eval_images="",
+                     train_scales=(128,), max_size=128, test_scale=128, max_boxes=64,
+                     batch_size=batch, flip_prob=0.0, on_bad_annotation="skip")
+  config.optimizer.update(base_learning_rate=2e-4, base_batch_size=batch, warmup_steps=10,
+                          decay_at=())
+  config.train.update(num_steps=steps, log_every=1, checkpoint_every=steps)
+  return config
+
+
+def overfit(name: str, steps: int = 200, count: int = 8, batch: int = 4) -> np.ndarray:
+  """Losses of every step of the tiny config trained on `count` images of set `name`."""
+  with tempfile.TemporaryDirectory() as scratch:
+    scratch = pathlib.Path(scratch)
+    ann, images = dataset(name, scratch, count)
+    trainer.train(overfit_config(ann, images, steps, batch), scratch / "work")
+    records = metric_writer.read_metrics(scratch / "work" / "metrics.jsonl")
+  return np.array([r["loss"] for r in records if "loss" in r])
+
+
+def windows(losses: np.ndarray, count: int = 10) -> list[tuple[int, int, float]]:
+  """(first step, last step, mean loss) of `count` consecutive windows."""
+  edges = np.linspace(0, len(losses), count + 1).astype(int)
+  return [(int(a) + 1, int(b), float(losses[a:b].mean())) for a, b in zip(edges, edges[1:])]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sets", nargs="+", default=["coco128", "synthetic"],
+                      choices=["coco128", "synthetic"])
+  parser.add_argument("--steps", type=int, default=200)
+  args = parser.parse_args()
+  rows = []
+  for name in args.sets:
+    losses = overfit(name, args.steps)
+    for first, last, mean in windows(losses):
+      rows.append({"set": name, "steps": f"{first}-{last}", "mean_loss": mean,
+                   "vs_first": mean / windows(losses)[0][2]})
+  common.report("overfit", rows, ["set", "steps", "mean_loss", "vs_first"])
+
+
+if __name__ == "__main__":
+  main()
