@@ -127,7 +127,7 @@ def train_step(state: TrainState, batch: dict, *, model, loss_config, mesh, sche
                                       loss_config, mesh=mesh)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updated = state.apply_gradients(grads=grads)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
