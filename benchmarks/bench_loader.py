@@ -9,7 +9,6 @@ $SPARSE_RCNN_SHARED/data/bccd (default ../shared/data/bccd). The first batch (wo
 is timed separately from the steady state.
 """
 import argparse
-import os
 import pathlib
 import sys
 import time
@@ -19,8 +18,7 @@ from benchmarks import common  # pylint: disable=g-import-not-at-top
 from sparse_rcnn_jax.data import config as data_config
 from sparse_rcnn_jax.data import pipeline
 
-SHARED = pathlib.Path(os.environ.get("SPARSE_RCNN_SHARED",
-                                     pathlib.Path(__file__).resolve().parents[2] / "shared"))
+SHARED = common.SHARED
 
 
 def bench(workers: int, batch_size: int, batches: int, read_threads: int, crop: bool) -> dict:

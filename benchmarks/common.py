@@ -9,6 +9,9 @@ import time
 import jax
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+# Reference outputs and real datasets: `shared/` beside the repository, or $SPARSE_RCNN_SHARED.
+SHARED = pathlib.Path(os.environ.get("SPARSE_RCNN_SHARED",
+                                     pathlib.Path(__file__).resolve().parents[2] / "shared"))
 
 
 def machine() -> dict:

@@ -9,7 +9,6 @@ windows of steps) and writes it with the machine to benchmarks/results/overfit_P
 """
 import argparse
 import json
-import os
 import pathlib
 import sys
 import tempfile
@@ -23,8 +22,7 @@ from configs import tiny
 from sparse_rcnn_jax import metric_writer, trainer
 from sparse_rcnn_jax.data import synthetic
 
-SHARED = pathlib.Path(os.environ.get("SPARSE_RCNN_SHARED", ROOT.parent / "shared"))
-COCO128 = SHARED / "data" / "coco128"
+COCO128 = common.SHARED / "data" / "coco128"
 
 
 def first_images_with_boxes(annotations: pathlib.Path, count: int, out: pathlib.Path
@@ -32,11 +30,11 @@ def first_images_with_boxes(annotations: pathlib.Path, count: int, out: pathlib.
   """A COCO json holding the first `count` images (by id) that have non-crowd boxes."""
   coco = json.loads(annotations.read_text())
   with_boxes = {a["image_id"] for a in coco["annotations"] if not a.get("iscrowd", 0)}
-  keep = sorted(with_boxes)[:count]
+  keep = set(sorted(with_boxes)[:count])
   if len(keep) < count:
     raise ValueError(f"{annotations} has only {len(keep)} images with boxes")
-  coco["images"] = [im for im in coco["images"] if im["id"] in set(keep)]
-  coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in set(keep)]
+  coco["images"] = [im for im in coco["images"] if im["id"] in keep]
+  coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
   out.write_text(json.dumps(coco))
   return out
 
@@ -89,10 +87,10 @@ def main():
   args = parser.parse_args()
   rows = []
   for name in args.sets:
-    losses = overfit(name, args.steps)
-    for first, last, mean in windows(losses):
+    curve = windows(overfit(name, args.steps))
+    for first, last, mean in curve:
       rows.append({"set": name, "steps": f"{first}-{last}", "mean_loss": mean,
-                   "vs_first": mean / windows(losses)[0][2]})
+                   "vs_first": mean / curve[0][2]})
   common.report("overfit", rows, ["set", "steps", "mean_loss", "vs_first"])
 
 

@@ -1,4 +1,5 @@
 """The dynamic head against outputs of the official PyTorch head (shared/reference)."""
+import dataclasses
 import functools
 import json
 
@@ -167,7 +168,7 @@ def test_canonical_box_size_sets_the_pooling_level(run):
   """model.canonical_box_size (official 224) moves boxes between FPN levels as in detectron2:
   level = clamp(floor(4 + log2(sqrt(area) / size)), 2, 5)."""
   cfg, io, params, features, whwh, _, _ = run
-  small = HeadConfig(**{**cfg.__dict__, "canonical_box_size": 28.0})
+  small = dataclasses.replace(cfg, canonical_box_size=28.0)
   _, state = DynamicHead(small).apply({"params": params}, features, whwh,
                                       mutable=["intermediates"])
   inter = state["intermediates"]
