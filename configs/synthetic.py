@@ -24,7 +24,9 @@ def get_config():
               batch_size=8, eval_batch_size=20, num_workers=0, read_threads=2)
 
   model = config.model
-  model.update(num_proposals=30, num_stages=3, hidden_dim=64, dim_feedforward=256,
+  # Within this budget depth pays most: 3 stages of width 64 reach AP 14, 5 stages of width 48
+  # (the same time) 27 (README, results).
+  model.update(num_proposals=30, num_stages=5, hidden_dim=48, dim_feedforward=256,
                num_heads=4, dim_dynamic=16)
   # From scratch (no pretrained weights here): trainable group norm, nothing frozen.
   model.backbone.update(depth=18, width=16, norm="group_norm", freeze_at=0)
@@ -32,6 +34,4 @@ def get_config():
   config.optimizer.update(base_learning_rate=5e-4, base_batch_size=8, warmup_steps=100,
                           decay_at=(0.75, 0.9))
   config.train.update(num_steps=2000, log_every=25, checkpoint_every=500, eval_every=0)
-  # A 13-minute model is not confident yet (its top scores are ~0.3): draw a little lower.
-  config.display_threshold = 0.25
   return config
