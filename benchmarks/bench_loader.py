@@ -18,14 +18,13 @@ from benchmarks import common  # pylint: disable=g-import-not-at-top
 from sparse_rcnn_jax.data import config as data_config
 from sparse_rcnn_jax.data import pipeline
 
-SHARED = common.SHARED
+BCCD = common.SHARED / "data" / "bccd"
 
 
 def bench(workers: int, batch_size: int, batches: int, read_threads: int, crop: bool) -> dict:
-  bccd = SHARED / "data" / "bccd"
   config = data_config.default_config()
-  config.update({"train_ann": str(bccd / "instances_trainval.json"),
-                 "train_images": str(bccd / "JPEGImages"), "batch_size": batch_size,
+  config.update({"train_ann": str(BCCD / "instances_trainval.json"),
+                 "train_images": str(BCCD / "JPEGImages"), "batch_size": batch_size,
                  "num_workers": workers, "read_threads": read_threads, "crop": crop})
   source = pipeline.load_source(config, "train")
   start = time.perf_counter()
@@ -52,8 +51,8 @@ def main():
   parser.add_argument("--read_threads", type=int, default=2)
   parser.add_argument("--crop", action="store_true", help="the 300-proposal recipe's crop")
   args = parser.parse_args()
-  if not (SHARED / "data" / "bccd").exists():
-    sys.exit(f"{SHARED / 'data' / 'bccd'} not found: set SPARSE_RCNN_SHARED")
+  if not BCCD.exists():
+    sys.exit(f"{BCCD} not found: set SPARSE_RCNN_SHARED")
   rows = [bench(w, args.batch_size, args.batches, args.read_threads, args.crop)
           for w in args.workers]
   common.report("loader", rows, ["workers", "read_threads", "batch", "crop", "padded_shape",

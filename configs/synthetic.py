@@ -25,7 +25,7 @@ def get_config():
 
   model = config.model
   # Within this budget depth pays most: 3 stages of width 64 reach AP 14, 5 stages of width 48
-  # (the same time) 27 (README, results).
+  # (about the same time) 27 (README, results).
   model.update(num_proposals=30, num_stages=5, hidden_dim=48, dim_feedforward=256,
                num_heads=4, dim_dynamic=16)
   # From scratch (no pretrained weights here): trainable group norm, nothing frozen.
