@@ -25,5 +25,5 @@ def get_config():
 
   config.optimizer.update(base_learning_rate=5e-4, base_batch_size=8, warmup_steps=100,
                           decay_at=(0.75, 0.9))
-  config.train.update(num_steps=3000, log_every=25, checkpoint_every=500, eval_every=0)
+  config.train.update(num_steps=2600, log_every=25, checkpoint_every=500, eval_every=0)
   return config
