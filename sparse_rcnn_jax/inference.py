@@ -14,6 +14,7 @@ from jax.experimental import multihost_utils
 from sparse_rcnn_jax import evaluation
 from sparse_rcnn_jax import postprocess
 from sparse_rcnn_jax import sharding
+from sparse_rcnn_jax import xla_cpu
 from sparse_rcnn_jax.data import pipeline
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ def make_predict_fn(model, mesh, num_detections: int | None = None) -> Callable:
     dets["stage_scores"] = jax.nn.sigmoid(out["pred_logits"]).max(-1).swapaxes(0, 1)
     return dets
   return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                 out_shardings=sharding.batch_sharded(mesh))
+                 out_shardings=sharding.batch_sharded(mesh),
+                 compiler_options=xla_cpu.compiler_options())
 
 
 def _gather(tree):

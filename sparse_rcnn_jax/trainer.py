@@ -26,6 +26,7 @@ from sparse_rcnn_jax import losses
 from sparse_rcnn_jax import metric_writer
 from sparse_rcnn_jax import optim
 from sparse_rcnn_jax import sharding
+from sparse_rcnn_jax import xla_cpu
 from sparse_rcnn_jax.convert import checkpoint_io
 from sparse_rcnn_jax.convert import official
 from sparse_rcnn_jax.data import pipeline
@@ -148,7 +149,8 @@ def make_train_step(model, config, mesh, state: TrainState) -> Callable:
                            schedule=schedule)
   state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state)
   return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
-                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0,
+                 compiler_options=xla_cpu.compiler_options())
 
 
 class Preemption:
