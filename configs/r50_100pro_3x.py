@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.proposal_init = "image"
   model.backbone = ml_collections.ConfigDict(
       dict(depth=50, width=64, norm="frozen_bn", freeze_at=2))
+  # Gradients of the backbone's and FPN's convolutions: "matmul_grad" (as matrix products,
+  # several times faster on a CPU), "xla" (XLA's own, for GPU/TPU), "auto" (by platform).
+  model.conv_impl = "auto"
   # Optional weights to start from: torchvision ImageNet ResNet (.pth/.npz) or a whole
   # official Sparse R-CNN checkpoint.
   model.torchvision_weights = ""

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparse_rcnn_jax import conv
+
 # Residual blocks per stage res2..res5.
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGES = ("res2", "res3", "res4", "res5")
@@ -122,6 +124,7 @@ class ConvNorm(nn.Module):
   """
   spec: ConvSpec
   norm: str
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -129,9 +132,7 @@ class ConvNorm(nn.Module):
     s = self.spec
     kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                         (s.kernel_size, s.kernel_size, s.in_channels, s.out_channels))
-    pad = (s.kernel_size - 1) // 2
-    y = jax.lax.conv_general_dilated(x, kernel, (s.stride, s.stride), [(pad, pad), (pad, pad)],
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv.make_conv(self.conv_impl)(x, kernel, s.stride)
     return make_norm(self.norm, s.out_channels)(y)
 
 
@@ -139,18 +140,19 @@ class ResidualBlock(nn.Module):
   """Basic block or bottleneck, per `spec`: relu(branch(x) + shortcut(x))."""
   spec: BlockSpec
   norm: str
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, I] -> [B, H / stride, W / stride, O] (PyTorch rounding)."""
     y = x
     for index, conv in enumerate(self.spec.convs):
-      y = ConvNorm(conv, self.norm, name=conv.name)(y)
+      y = ConvNorm(conv, self.norm, self.conv_impl, name=conv.name)(y)
       if index < len(self.spec.convs) - 1:
         y = nn.relu(y)
     shortcut = self.spec.shortcut
     if shortcut is not None:
-      x = ConvNorm(shortcut, self.norm, name=shortcut.name)(x)
+      x = ConvNorm(shortcut, self.norm, self.conv_impl, name=shortcut.name)(x)
     return nn.relu(y + x)
 
 
@@ -158,11 +160,12 @@ class Stage(nn.Module):
   """A sequence of residual blocks named block0, block1, ..."""
   blocks: tuple[BlockSpec, ...]
   norm: str
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for j, block in enumerate(self.blocks):
-      x = ResidualBlock(block, self.norm, name=f"block{j}")(x)
+      x = ResidualBlock(block, self.norm, self.conv_impl, name=f"block{j}")(x)
     return x
 
 
@@ -170,11 +173,12 @@ class Stem(nn.Module):
   """7x7/2 conv + norm + ReLU, then 3x3/2 max-pool with padding 1 (padded with -inf, as torch)."""
   spec: ConvSpec
   norm: str
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, 3] -> [B, ~H/4, ~W/4, width]."""
-    x = nn.relu(ConvNorm(self.spec, self.norm, name=self.spec.name)(x))
+    x = nn.relu(ConvNorm(self.spec, self.norm, self.conv_impl, name=self.spec.name)(x))
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -188,11 +192,13 @@ class ResNet(nn.Module):
       no "batch_stats"; for training from scratch).
     freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and res2..res{k}. Frozen parts get
       no gradient (stop_gradient on their output); masking them in the optimizer is done elsewhere.
+    conv_impl: how convolutions are differentiated (conv.make_conv).
   """
   depth: int
   width: int = 64
   norm: str = "frozen_bn"
   freeze_at: int = 2
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -205,12 +211,12 @@ class ResNet(nn.Module):
     if not 0 <= self.freeze_at <= 1 + len(STAGES):
       raise ValueError(f"freeze_at must be in 0..{1 + len(STAGES)}, got {self.freeze_at}.")
     spec = resnet_spec(self.depth, self.width)
-    x = Stem(spec.stem, self.norm, name="stem")(x)
+    x = Stem(spec.stem, self.norm, self.conv_impl, name="stem")(x)
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
     features = {}
     for number, (stage, blocks) in enumerate(spec.stages.items(), start=2):
-      x = Stage(blocks, self.norm, name=stage)(x)
+      x = Stage(blocks, self.norm, self.conv_impl, name=stage)(x)
       if self.freeze_at >= number:
         x = jax.lax.stop_gradient(x)
       features[stage] = x

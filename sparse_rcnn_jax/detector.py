@@ -30,12 +30,14 @@ class SparseRCNN(nn.Module):
   Attributes:
     head: the dynamic head's configuration (its hidden_dim is also the FPN width).
     depth, width, norm, freeze_at: the ResNet backbone (see backbone.ResNet).
+    conv_impl: how the backbone's and FPN's convolutions are differentiated (conv.make_conv).
   """
   head: HeadConfig
   depth: int = 50
   width: int = 64
   norm: str = "frozen_bn"
   freeze_at: int = 2
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, images, image_whwh, deterministic: bool = True):
@@ -51,8 +53,9 @@ class SparseRCNN(nn.Module):
       pixels, and "proposal_boxes" [B, N, 4] (see DynamicHead).
     """
     x = normalize_images(images)
-    features = ResNet(self.depth, self.width, self.norm, self.freeze_at, name="backbone")(x)
-    maps = FPN(self.head.hidden_dim, name="fpn")(features)
+    features = ResNet(self.depth, self.width, self.norm, self.freeze_at, self.conv_impl,
+                      name="backbone")(x)
+    maps = FPN(self.head.hidden_dim, conv_impl=self.conv_impl, name="fpn")(features)
     return DynamicHead(self.head, name="head")(maps, image_whwh, deterministic)
 
 
@@ -60,4 +63,5 @@ def build_model(model: ml_collections.ConfigDict) -> SparseRCNN:
   """The detector described by `config.model` (see configs/)."""
   backbone = model.backbone
   return SparseRCNN(head=HeadConfig.from_config(model), depth=backbone.depth,
-                    width=backbone.width, norm=backbone.norm, freeze_at=backbone.freeze_at)
+                    width=backbone.width, norm=backbone.norm, freeze_at=backbone.freeze_at,
+                    conv_impl=model.conv_impl)

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparse_rcnn_jax.conv import Conv
+
 # detectron2's c2_xavier_fill: kaiming_uniform with a=1, i.e. U(+-sqrt(3 / fan_in)); bias 0.
 _c2_xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
@@ -24,9 +26,11 @@ class FPN(nn.Module):
     out_channels: channels of every pyramid level (256 in the paper).
     in_levels: backbone levels used, from fine to coarse; level l reads features[f"res{l}"]
       (stride 2**l) and gives P_l.
+    conv_impl: how convolutions are differentiated (conv.make_conv).
   """
   out_channels: int = 256
   in_levels: tuple[int, ...] = (2, 3, 4, 5)
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, features: dict[str, jax.Array]) -> list[jax.Array]:
@@ -36,11 +40,9 @@ class FPN(nn.Module):
       [P2, P3, P4, P5], each [B, H/2**l, W/2**l, out_channels]. Each level must be exactly twice
       the size of the next coarser one, i.e. the image height and width multiples of 32.
     """
-    def conv(kernel_size: int, name: str) -> nn.Conv:
-      pad = (kernel_size - 1) // 2
-      return nn.Conv(self.out_channels, (kernel_size, kernel_size),
-                     padding=((pad, pad), (pad, pad)), kernel_init=_c2_xavier_fill,
-                     bias_init=nn.initializers.zeros, name=name)
+    def conv(kernel_size: int, name: str) -> Conv:
+      return Conv(self.out_channels, kernel_size, kernel_init=_c2_xavier_fill,
+                  impl=self.conv_impl, name=name)
 
     outputs = []
     top_down = None
