@@ -69,9 +69,11 @@ class Stage(nn.Module):
     cfg = self.cfg
     batch, num, dim = proposal_features.shape
     dropout = lambda x: nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-    roi, levels = multilevel_roi_align(features, boxes, output_size=cfg.pooler_resolution,
-                                       sampling_ratio=cfg.sampling_ratio,
-                                       canonical_box_size=cfg.canonical_box_size)
+    with jax.named_scope("roi_align"):   # names its operations in profiles
+      roi, levels = multilevel_roi_align(features, boxes, output_size=cfg.pooler_resolution,
+                                         sampling_ratio=cfg.sampling_ratio,
+                                         canonical_box_size=cfg.canonical_box_size,
+                                         impl=cfg.roi_align_impl)
     self.sow("intermediates", "boxes_in", boxes)
     self.sow("intermediates", "level_assignments", levels)
     self.sow("intermediates", "roi_features", roi)

@@ -1,16 +1,27 @@
 """Batched multi-level RoIAlign over FPN maps, with the official kernel's semantics.
 
-Each box reads from one FPN level chosen by its size. All levels are flattened into one
-`[B, sum(H_l * W_l), C]` table and every box gathers only the 4 bilinear corners of its own
-7x7x2x2 sample points from its own level, so memory scales with B * N * 49 * 4 * 4 gathered
-rows, never with per-box copies of feature maps, and there is no loop over boxes or images.
+Each box reads from one FPN level chosen by its size; there is no loop over boxes or images.
+Two forms compute the same function (`impl`):
+
+- "gather" (CPU and GPU): every output bin is a weighted sum of the r*r*4 bilinear taps of
+  its sample points, read from the box's own level by one gather per level (a box of another
+  level reads nothing there). The maps are never copied into one table (a concatenation of
+  all levels per call cost more than the gathers). The gradient with respect to the maps
+  (`jax.custom_vjp`) is one scatter-add of the weighted output gradient per level, straight
+  into that level's map.
+- "separable" (TPU, where gathers and scatters are slow): the bilinear sampling is separable,
+  so a box's output is Ay F Ax^T with per-box interpolation matrices Ay [R, H_l] and
+  Ax [R, W_l] (zero rows for boxes of other levels): two batched matrix products per level,
+  differentiated by JAX as matrix products. Its cost grows with the map size, so it suits
+  matrix units, not a CPU.
 
 Semantics (detectron2 `ROIAlign(aligned=True)`, sampling ratio 2), per box on its level with
 scale s = 1 / stride: the box spans x1*s - 0.5 .. x2*s - 0.5 (no minimum size); bins are
 size / output_size; the sampling ratio gives ratio x ratio points per bin at
 y = y1' + ph * bin_h + (iy + 0.5) * bin_h / ratio (likewise x). A point with y < -1, y > H,
 x < -1 or x > W contributes 0; otherwise coordinates are clamped at 0 and a point at or past
-the last row / column reads that row / column alone. A bin is the mean of its points.
+the last row / column reads that row / column alone. A bin is the mean of its points. A box
+with a NaN coordinate reads nothing.
 """
 from typing import Sequence
 
@@ -67,10 +78,123 @@ def _axis_samples(start, end, length, output_size: int, sampling_ratio: int):
   return low, high, 1.0 - frac, frac, inside
 
 
+IMPLS = ("gather", "separable")
+
+
+def _level_samples(boxes, levels, sizes, strides, output_size: int, sampling_ratio: int):
+  """Bilinear taps along y and x of every box on its own level.
+
+  Returns:
+    (y_samples, x_samples), each the tuple of `_axis_samples` with [B, N, R*r] arrays.
+  """
+  heights = jnp.array([h for h, _ in sizes], jnp.int32)[levels]
+  widths = jnp.array([w for _, w in sizes], jnp.int32)[levels]
+  scale = jnp.array([1.0 / s for s in strides], boxes.dtype)[levels]
+  x1, y1, x2, y2 = (boxes[..., i] * scale - 0.5 for i in range(4))
+  return (_axis_samples(y1, y2, heights, output_size, sampling_ratio),
+          _axis_samples(x1, x2, widths, output_size, sampling_ratio))
+
+
+def _bin_taps(y_samples, x_samples, output_size: int, sampling_ratio: int):
+  """The bilinear taps of each output bin: rows, cols (int32) and weights, each
+  [B, N, R, R, r*r*4]; a weight is the tap's bilinear weight / r^2, 0 outside the window."""
+  ylo, yhi, wy_lo, wy_hi, y_in = y_samples
+  xlo, xhi, wx_lo, wx_hi, x_in = x_samples
+  # Four corners of every (y, x) sample: [B, N, Sy, Sx, 4].
+  rows = jnp.stack([ylo, ylo, yhi, yhi], axis=-1)[..., :, None, :]
+  cols = jnp.stack([xlo, xhi, xlo, xhi], axis=-1)[..., None, :, :]
+  wy = jnp.stack([wy_lo, wy_lo, wy_hi, wy_hi], axis=-1)[..., :, None, :]
+  wx = jnp.stack([wx_lo, wx_hi, wx_lo, wx_hi], axis=-1)[..., None, :, :]
+  inside = (y_in[..., :, None] & x_in[..., None, :])[..., None]
+  weights = jnp.where(inside, wy * wx, 0.0) / sampling_ratio**2
+  batch, num = weights.shape[:2]
+  r, k = output_size, sampling_ratio
+
+  def per_bin(x):
+    """[B, N, R*r, R*r, 4] -> [B, N, R, R, r*r*4], taps of a bin last."""
+    x = jnp.broadcast_to(x, (batch, num, r * k, r * k, 4)).reshape(batch, num, r, k, r, k, 4)
+    return x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(batch, num, r, r, k * k * 4)
+  return per_bin(rows), per_bin(cols), per_bin(weights)
+
+
+@jax.custom_vjp
+def _pool_gather(maps, indices, weights):
+  """Weighted sums of gathered rows, level by level.
+
+  Args:
+    maps: L maps [B * H_l * W_l, C] (rows of every image, image-major).
+    indices: L int32 arrays [B, N, R, R, T]: the row of each tap in that level's map, or the
+      map's row count (out of range: reads 0) where the box is on another level.
+    weights: [B, N, R, R, T] tap weights.
+  Returns:
+    [B, N, R, R, C]: sum over taps of weight * row.
+  """
+  out = 0.0
+  for table, index in zip(maps, indices):
+    rows = jnp.take(table, index, axis=0, mode="fill", fill_value=0)
+    out = out + jnp.sum(rows * weights[..., None].astype(table.dtype), axis=-2)
+  return out
+
+
+def _pool_gather_fwd(maps, indices, weights):
+  return _pool_gather(maps, indices, weights), (maps, indices, weights)
+
+
+def _pool_gather_bwd(residuals, grad):
+  maps, indices, weights = residuals
+  grad_maps = []
+  for table, index in zip(maps, indices):
+    updates = weights[..., None].astype(grad.dtype) * grad[..., None, :]
+    grad_maps.append(jnp.zeros_like(table).at[index].add(updates, mode="drop"))
+  return (tuple(grad_maps), [None] * len(indices), jnp.zeros_like(weights))
+
+
+_pool_gather.defvjp(_pool_gather_fwd, _pool_gather_bwd)
+
+
+def _roi_align_gather(features, levels, y_samples, x_samples, output_size, sampling_ratio):
+  rows, cols, weights = _bin_taps(y_samples, x_samples, output_size, sampling_ratio)
+  batch = levels.shape[0]
+  image = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None, None]
+  on_level = levels[..., None, None, None]
+  tables, indices = [], []
+  for level, f in enumerate(features):
+    size = f.shape[1] * f.shape[2]
+    index = image * size + rows * f.shape[2] + cols
+    indices.append(jnp.where(on_level == level, index, batch * size))
+    tables.append(f.reshape(batch * size, f.shape[-1]))
+  return _pool_gather(tuple(tables), indices, weights)
+
+
+def _interpolation_matrix(samples, length: int, output_size: int, sampling_ratio: int):
+  """[B, N, R, length]: row p holds the mean over the bin's samples of their bilinear taps."""
+  low, high, w_low, w_high, inside = samples
+  w_low = jnp.where(inside, w_low, 0.0)
+  w_high = jnp.where(inside, w_high, 0.0)
+  taps = (jax.nn.one_hot(low, length, dtype=w_low.dtype) * w_low[..., None]
+          + jax.nn.one_hot(high, length, dtype=w_low.dtype) * w_high[..., None])
+  batch, num = low.shape[:2]
+  taps = taps.reshape(batch, num, output_size, sampling_ratio, length)
+  return taps.sum(axis=3) / sampling_ratio
+
+
+def _roi_align_separable(features, levels, y_samples, x_samples, output_size, sampling_ratio):
+  out = 0.0
+  for level, f in enumerate(features):
+    on_level = (levels == level)[..., None, None]
+    ay = _interpolation_matrix(y_samples, f.shape[1], output_size, sampling_ratio)
+    ax = _interpolation_matrix(x_samples, f.shape[2], output_size, sampling_ratio)
+    ay = jnp.where(on_level, ay, 0.0).astype(f.dtype)
+    columns = jnp.einsum("bnqx,byxc->bnyqc", ax.astype(f.dtype), f)
+    out = out + jnp.einsum("bnpy,bnyqc->bnpqc", ay, columns)
+  return out
+
+
 def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array, *,
                          strides: Sequence[int] = (4, 8, 16, 32), output_size: int = 7,
                          sampling_ratio: int = 2, min_level: int = 2,
-                         canonical_box_size: float = 224.0, canonical_level: int = 4):
+                         canonical_box_size: float = 224.0, canonical_level: int = 4,
+                         impl: str = "gather"):
   """RoIAlign of every box on its assigned FPN level.
 
   Args:
@@ -80,43 +204,20 @@ def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array, *,
     output_size: pooled size R (7).
     sampling_ratio: samples per bin along each axis (2).
     min_level: FPN level of `features[0]` (2 for P2).
+    impl: "gather" or "separable" (see the module docstring); the same function.
   Returns:
     (roi_features [B, N, R, R, C], levels [B, N] int32 index into `features`).
   """
+  if impl not in IMPLS:
+    raise ValueError(f"roi_align impl must be one of {IMPLS}, got {impl!r}.")
+  if len(strides) != len(features):
+    raise ValueError(f"{len(features)} feature maps but {len(strides)} strides.")
   boxes = jax.lax.stop_gradient(boxes)
-  num_levels = len(features)
-  batch, num_boxes = boxes.shape[:2]
-  channels = features[0].shape[-1]
-  levels = assign_levels(boxes, min_level=min_level, max_level=min_level + num_levels - 1,
+  levels = assign_levels(boxes, min_level=min_level, max_level=min_level + len(features) - 1,
                          canonical_box_size=canonical_box_size,
                          canonical_level=canonical_level)
-
-  heights = jnp.array([f.shape[1] for f in features], jnp.int32)
-  widths = jnp.array([f.shape[2] for f in features], jnp.int32)
-  offsets = jnp.cumsum(jnp.array([0] + [f.shape[1] * f.shape[2] for f in features[:-1]]))
-  scales = jnp.array([1.0 / s for s in strides], boxes.dtype)
-  table = jnp.concatenate([f.reshape(batch, -1, channels) for f in features], axis=1)
-
-  height, width = heights[levels], widths[levels]
-  scale = scales[levels]
-  x1, y1, x2, y2 = (boxes[..., i] * scale - 0.5 for i in range(4))
-  ylo, yhi, wy_lo, wy_hi, y_in = _axis_samples(y1, y2, height, output_size, sampling_ratio)
-  xlo, xhi, wx_lo, wx_hi, x_in = _axis_samples(x1, x2, width, output_size, sampling_ratio)
-
-  # Four corners of every (y, x) sample: [B, N, Sy, Sx, 4].
-  rows = jnp.stack([ylo, ylo, yhi, yhi], axis=-1)[..., :, None, :]
-  cols = jnp.stack([xlo, xhi, xlo, xhi], axis=-1)[..., None, :, :]
-  wy = jnp.stack([wy_lo, wy_lo, wy_hi, wy_hi], axis=-1)[..., :, None, :]
-  wx = jnp.stack([wx_lo, wx_hi, wx_lo, wx_hi], axis=-1)[..., None, :, :]
-  inside = (y_in[..., :, None] & x_in[..., None, :])[..., None]
-  weights = jnp.where(inside, wy * wx, 0.0)
-  index = offsets[levels][..., None, None, None] + rows * width[..., None, None, None] + cols
-
-  samples = output_size * sampling_ratio
-  gathered = jax.vmap(lambda t, i: jnp.take(t, i.reshape(-1), axis=0, mode="clip"))(
-      table, index.reshape(batch, -1))
-  gathered = gathered.reshape(batch, num_boxes, samples, samples, 4, channels)
-  values = jnp.einsum("bnyxk,bnyxkc->bnyxc", weights.astype(table.dtype), gathered)
-  values = values.reshape(batch, num_boxes, output_size, sampling_ratio, output_size,
-                          sampling_ratio, channels)
-  return values.mean(axis=(3, 5)), levels
+  sizes = [f.shape[1:3] for f in features]
+  y_samples, x_samples = _level_samples(boxes, levels, sizes, strides, output_size,
+                                        sampling_ratio)
+  pool = _roi_align_gather if impl == "gather" else _roi_align_separable
+  return pool(features, levels, y_samples, x_samples, output_size, sampling_ratio), levels

@@ -1,5 +1,7 @@
 """RoIAlign against a plain-Python transcription of detectron2's ROIAlign CPU kernel."""
+import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -97,11 +99,12 @@ def test_levels_match_detectron2_formula():
   assert set(levels.ravel()) == {0, 1, 2, 3}
 
 
-def test_forward_matches_kernel_loop():
+@pytest.mark.parametrize("impl", roi_align.IMPLS)
+def test_forward_matches_kernel_loop(impl):
   rng = np.random.default_rng(1)
   feats = _features(rng)
   boxes = _boxes(rng)
-  out, levels = jax.jit(roi_align.multilevel_roi_align)(
+  out, levels = jax.jit(functools.partial(roi_align.multilevel_roi_align, impl=impl))(
       [jnp.asarray(f) for f in feats], jnp.asarray(boxes))
   out = np.asarray(out)
   assert out.shape == (2, boxes.shape[1], 7, 7, 3)
@@ -116,45 +119,76 @@ def test_forward_matches_kernel_loop():
   assert np.all(out[0, 4] == 0)
 
 
-def test_gradient_matches_kernel_taps_and_none_to_boxes():
+@pytest.mark.parametrize("impl", roi_align.IMPLS)
+def test_gradient_matches_kernel_taps_and_none_to_boxes(impl):
+  """d(sum(out * cotangent)) / d(maps) against the kernel's taps, for both images of a batch,
+  with boxes on every level, crossing and leaving the map, degenerate, and NaN."""
   rng = np.random.default_rng(2)
-  feats = _features(rng, batch=1, channels=2, height=32, width=64)
-  boxes = _boxes(rng)[:1, :8]
-  cotangent = rng.standard_normal((1, boxes.shape[1], 7, 7, 2)).astype(np.float32)
+  feats = _features(rng, batch=2, channels=2, height=32, width=64)
+  boxes = _boxes(rng)
+  boxes[1, 3] = [np.nan, 4.0, 20.0, 30.0]
+  cotangent = rng.standard_normal((2, boxes.shape[1], 7, 7, 2)).astype(np.float32)
 
   def loss(fs, bx):
-    return jnp.sum(roi_align.multilevel_roi_align(fs, bx)[0] * cotangent)
+    out = roi_align.multilevel_roi_align(fs, bx, impl=impl)[0]
+    return jnp.sum(out * cotangent)
 
-  grads, box_grad = jax.grad(loss, argnums=(0, 1))([jnp.asarray(f) for f in feats],
-                                                  jnp.asarray(boxes))
+  grads, box_grad = jax.jit(jax.grad(loss, argnums=(0, 1)))([jnp.asarray(f) for f in feats],
+                                                            jnp.asarray(boxes))
   expected = [np.zeros_like(f, np.float64) for f in feats]
   levels = np.asarray(roi_align.assign_levels(jnp.asarray(boxes)))
-  for n in range(boxes.shape[1]):
-    lvl = int(levels[0, n])
-    _, taps = reference_roi_align(feats[lvl][0], boxes[0, n], 1.0 / STRIDES[lvl])
-    for (ph, pw), bin_taps in taps.items():
-      for r, c, w in bin_taps:
-        expected[lvl][0, r, c] += w / 4 * cotangent[0, n, ph, pw]
+  assert set(levels.ravel()) == {0, 1, 2, 3}
+  for b in range(boxes.shape[0]):
+    for n in range(boxes.shape[1]):
+      if np.isnan(boxes[b, n]).any():
+        continue   # reads nothing, so gives no gradient
+      lvl = int(levels[b, n])
+      _, taps = reference_roi_align(feats[lvl][b], boxes[b, n], 1.0 / STRIDES[lvl])
+      for (ph, pw), bin_taps in taps.items():
+        for r, c, w in bin_taps:
+          expected[lvl][b, r, c] += w / 4 * cotangent[b, n, ph, pw]
   for lvl in range(4):
+    assert np.abs(expected[lvl]).max() > 0   # every level receives some gradient
     np.testing.assert_allclose(np.asarray(grads[lvl]), expected[lvl], rtol=1e-4, atol=1e-5)
   assert np.all(np.asarray(box_grad) == 0)
 
 
-def test_nan_box_contributes_zero_and_keeps_others():
+@pytest.mark.parametrize("impl", roi_align.IMPLS)
+def test_nan_box_contributes_zero_and_keeps_others(impl):
   rng = np.random.default_rng(3)
   feats = [jnp.asarray(f) for f in _features(rng, batch=1)]
   boxes = np.array([[[np.nan, 0, 10, 10], [10, 12, 30, 40]]], np.float32)
-  out, _ = roi_align.multilevel_roi_align(feats, jnp.asarray(boxes))
+  out, _ = roi_align.multilevel_roi_align(feats, jnp.asarray(boxes), impl=impl)
   out = np.asarray(out)
   assert np.all(out[0, 0] == 0)
   expected, _ = reference_roi_align(np.asarray(feats[0][0], np.float64), boxes[0, 1], 0.25)
   np.testing.assert_allclose(out[0, 1], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_gather_size_scales_with_boxes_not_maps():
-  """The largest intermediate is the B*N*(7*2)^2*4 gathered rows, not maps copied per box."""
-  feats = [jax.ShapeDtypeStruct((2, 256 // s, 256 // s, 8), jnp.float32) for s in STRIDES]
-  boxes = jax.ShapeDtypeStruct((2, 50, 4), jnp.float32)
-  jaxpr = jax.make_jaxpr(roi_align.multilevel_roi_align)(feats, boxes)
-  sizes = [np.prod(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars]
-  assert max(sizes) == 2 * 50 * 14 * 14 * 4 * 8
+def _entry_computation(fn, *args) -> str:
+  hlo = jax.jit(fn).lower(*args).compile().as_text()
+  return hlo[hlo.index("ENTRY"):]
+
+
+def test_gather_form_never_copies_the_maps_into_one_table():
+  """Neither the forward nor the backward of the gather form concatenates the levels (a copy
+  of every map per call); the backward scatters into each level's map."""
+  feats = [jnp.zeros((2, 256 // s, 256 // s, 16), jnp.float32) for s in STRIDES]
+  boxes = jnp.asarray(_boxes(np.random.default_rng(4)))
+  pool = lambda fs, bx: roi_align.multilevel_roi_align(fs, bx)[0]
+  forward = _entry_computation(pool, feats, boxes)
+  backward = _entry_computation(jax.grad(lambda fs, bx: jnp.sum(pool(fs, bx))), feats, boxes)
+  assert "gather" in forward and "scatter" in backward
+  table = sum(int(np.prod(f.shape)) for f in feats)
+  for hlo in (forward, backward):
+    sizes = {int(np.prod([int(d) for d in shape.split(",") if d]))
+             for shape in re.findall(r"f32\[([\d,]*)\]", hlo)}
+    assert table not in sizes
+
+
+def test_unknown_impl_and_stride_count_are_refused():
+  feats = [jnp.zeros((1, 8, 8, 2))]
+  with pytest.raises(ValueError, match="impl"):
+    roi_align.multilevel_roi_align(feats, jnp.zeros((1, 1, 4)), strides=(4,), impl="loop")
+  with pytest.raises(ValueError, match="strides"):
+    roi_align.multilevel_roi_align(feats, jnp.zeros((1, 1, 4)))
