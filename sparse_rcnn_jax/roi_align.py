@@ -5,8 +5,9 @@ Two forms compute the same function (`impl`):
 
 - "gather" (CPU and GPU): every output bin is a weighted sum of the r*r*4 bilinear taps of
   its sample points, read from the box's own level by one gather per level (a box of another
-  level reads nothing there). The maps are never copied into one table (a concatenation of
-  all levels per call cost more than the gathers). The gradient with respect to the maps
+  level reads with zero weights there). XLA fuses each gather into its weighted sum, so the
+  [taps, C] rows are never written out, and the maps are never copied into one table (a
+  concatenation of all levels per call cost more than the gathers). The gradient w.r.t. the maps
   (`jax.custom_vjp`) is one scatter-add of the weighted output gradient per level, straight
   into that level's map.
 - "separable" (TPU, where gathers and scatters are slow): the bilinear sampling is separable,
@@ -124,15 +125,19 @@ def _pool_gather(maps, indices, weights):
   Args:
     maps: L maps [B * H_l * W_l, C] (rows of every image, image-major).
     indices: L int32 arrays [B, N, R, R, T]: the row of each tap in that level's map, or the
-      map's row count (out of range: reads 0) where the box is on another level.
+      map's row count (out of range) where the box is on another level.
     weights: [B, N, R, R, T] tap weights.
   Returns:
     [B, N, R, R, C]: sum over taps of weight * row.
   """
   out = 0.0
   for table, index in zip(maps, indices):
-    rows = jnp.take(table, index, axis=0, mode="fill", fill_value=0)
-    out = out + jnp.sum(rows * weights[..., None].astype(table.dtype), axis=-2)
+    # A clipped gather with zero weights, not a filling one: XLA fuses the former into the
+    # weighted sum, and writes every filled row out first for the latter.
+    on_level = index < table.shape[0]
+    rows = jnp.take(table, jnp.where(on_level, index, 0), axis=0, mode="clip")
+    level_weights = jnp.where(on_level, weights, 0.0).astype(table.dtype)
+    out = out + jnp.sum(rows * level_weights[..., None], axis=-2)
   return out
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sparse_rcnn_jax import roi_align
+from sparse_rcnn_jax import xla_cpu
 
 STRIDES = (4, 8, 16, 32)
 
@@ -165,25 +166,34 @@ def test_nan_box_contributes_zero_and_keeps_others(impl):
   np.testing.assert_allclose(out[0, 1], expected, rtol=1e-5, atol=1e-5)
 
 
+def _sizes(hlo: str) -> set[int]:
+  """Element counts of every float32 array in an HLO text."""
+  return {int(np.prod([int(d) for d in shape.split(",") if d]))
+          for shape in re.findall(r"f32\[([\d,]*)\]", hlo)}
+
+
 def _entry_computation(fn, *args) -> str:
-  hlo = jax.jit(fn).lower(*args).compile().as_text()
+  """The compiled entry computation, with the compiler options of train and predict."""
+  hlo = jax.jit(fn, compiler_options=xla_cpu.compiler_options()).lower(*args).compile().as_text()
   return hlo[hlo.index("ENTRY"):]
 
 
-def test_gather_form_never_copies_the_maps_into_one_table():
+def test_gather_form_copies_no_map_and_writes_no_taps():
   """Neither the forward nor the backward of the gather form concatenates the levels (a copy
-  of every map per call); the backward scatters into each level's map."""
+  of every map per call), the backward scatters into each level's map, and the forward never
+  writes the [B, N, R, R, taps, C] gathered rows out (each gather is fused into its sum)."""
   feats = [jnp.zeros((2, 256 // s, 256 // s, 16), jnp.float32) for s in STRIDES]
   boxes = jnp.asarray(_boxes(np.random.default_rng(4)))
   pool = lambda fs, bx: roi_align.multilevel_roi_align(fs, bx)[0]
   forward = _entry_computation(pool, feats, boxes)
   backward = _entry_computation(jax.grad(lambda fs, bx: jnp.sum(pool(fs, bx))), feats, boxes)
   assert "gather" in forward and "scatter" in backward
+  gathered = boxes.shape[0] * boxes.shape[1] * 7 * 7 * 16 * 16
+  assert not re.search(rf"f32\[{boxes.shape[0]},{boxes.shape[1]},7,7,16,16\]", forward)
+  assert gathered not in _sizes(forward)
   table = sum(int(np.prod(f.shape)) for f in feats)
   for hlo in (forward, backward):
-    sizes = {int(np.prod([int(d) for d in shape.split(",") if d]))
-             for shape in re.findall(r"f32\[([\d,]*)\]", hlo)}
-    assert table not in sizes
+    assert table not in _sizes(hlo)
 
 
 def test_unknown_impl_and_stride_count_are_refused():
