@@ -33,9 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_reg_layers = 3
   model.pooler_resolution = 7
   model.sampling_ratio = 2
-  # RoIAlign's form: "gather" (CPU, GPU) or "separable" (matrix products, for TPU); the same
-  # function either way (sparse_rcnn_jax/roi_align.py).
-  model.roi_align_impl = "gather"
+  # RoIAlign's form: "gather" (CPU, GPU), "separable" (matrix products, for TPU) or "auto"
+  # (by platform); the same function either way (sparse_rcnn_jax/roi_align.py).
+  model.roi_align_impl = "auto"
   model.canonical_box_size = 224.0  # RoI level: P4 for a box of this side (official: 224)
   model.dropout = 0.0
   model.prior_prob = 0.01

@@ -21,8 +21,9 @@ class HeadConfig:
   num_reg_layers: int = 3
   pooler_resolution: int = 7
   sampling_ratio: int = 2
-  # RoIAlign's form (roi_align.IMPLS): "gather" (CPU, GPU) or "separable" (TPU); same values.
-  roi_align_impl: str = "gather"
+  # RoIAlign's form (roi_align.IMPLS): "gather", "separable" or "auto" (separable on TPU,
+  # gather elsewhere); the same values.
+  roi_align_impl: str = "auto"
   # A box of this side (sqrt of its area, in input pixels) is pooled from P4 (detectron2's
   # canonical size); half as large from P3, and so on, clamped to P2..P5.
   canonical_box_size: float = 224.0

@@ -3,18 +3,19 @@
 Each box reads from one FPN level chosen by its size; there is no loop over boxes or images.
 Two forms compute the same function (`impl`):
 
-- "gather" (CPU and GPU): every output bin is a weighted sum of the r*r*4 bilinear taps of
+- "gather" (CPU and GPU; "auto" picks it there): every output bin is a weighted sum of the r*r*4 bilinear taps of
   its sample points, read from the box's own level by one gather per level (a box of another
   level reads with zero weights there). XLA fuses each gather into its weighted sum, so the
   [taps, C] rows are never written out, and the maps are never copied into one table (a
   concatenation of all levels per call cost more than the gathers). The gradient w.r.t. the maps
   (`jax.custom_vjp`) is one scatter-add of the weighted output gradient per level, straight
   into that level's map.
-- "separable" (TPU, where gathers and scatters are slow): the bilinear sampling is separable,
+- "separable" (TPU, where gathers and scatters are slow; "auto" picks it there): the bilinear sampling is separable,
   so a box's output is Ay F Ax^T with per-box interpolation matrices Ay [R, H_l] and
   Ax [R, W_l] (zero rows for boxes of other levels): two batched matrix products per level,
-  differentiated by JAX as matrix products. Its cost grows with the map size, so it suits
-  matrix units, not a CPU.
+  differentiated by JAX as matrix products. Its cost grows with the map size (about 22 GFLOP
+  per image and stage on P2 at 800x1216, 100 boxes), so it suits matrix units, not a CPU; it
+  has not been timed on a TPU here.
 
 Semantics (detectron2 `ROIAlign(aligned=True)`, sampling ratio 2), per box on its level with
 scale s = 1 / stride: the box spans x1*s - 0.5 .. x2*s - 0.5 (no minimum size); bins are
@@ -79,7 +80,7 @@ def _axis_samples(start, end, length, output_size: int, sampling_ratio: int):
   return low, high, 1.0 - frac, frac, inside
 
 
-IMPLS = ("gather", "separable")
+IMPLS = ("auto", "gather", "separable")
 
 
 def _level_samples(boxes, levels, sizes, strides, output_size: int, sampling_ratio: int):
@@ -190,8 +191,12 @@ def _roi_align_separable(features, levels, y_samples, x_samples, output_size, sa
     ay = _interpolation_matrix(y_samples, f.shape[1], output_size, sampling_ratio)
     ax = _interpolation_matrix(x_samples, f.shape[2], output_size, sampling_ratio)
     ay = jnp.where(on_level, ay, 0.0).astype(f.dtype)
-    columns = jnp.einsum("bnqx,byxc->bnyqc", ax.astype(f.dtype), f)
-    out = out + jnp.einsum("bnpy,bnyqc->bnpqc", ay, columns)
+    ax = ax.astype(f.dtype)
+    # The shorter map axis stays in the intermediate: [B, N, min(H, W), R, C].
+    if f.shape[1] <= f.shape[2]:
+      out = out + jnp.einsum("bnpy,bnyqc->bnpqc", ay, jnp.einsum("bnqx,byxc->bnyqc", ax, f))
+    else:
+      out = out + jnp.einsum("bnqx,bnpxc->bnpqc", ax, jnp.einsum("bnpy,byxc->bnpxc", ay, f))
   return out
 
 
@@ -209,7 +214,8 @@ def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array, *,
     output_size: pooled size R (7).
     sampling_ratio: samples per bin along each axis (2).
     min_level: FPN level of `features[0]` (2 for P2).
-    impl: "gather" or "separable" (see the module docstring); the same function.
+    impl: "gather", "separable" (see the module docstring; the same function) or "auto":
+      separable on TPU, gather elsewhere.
   Returns:
     (roi_features [B, N, R, R, C], levels [B, N] int32 index into `features`).
   """
@@ -224,5 +230,7 @@ def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array, *,
   sizes = [f.shape[1:3] for f in features]
   y_samples, x_samples = _level_samples(boxes, levels, sizes, strides, output_size,
                                         sampling_ratio)
+  if impl == "auto":
+    impl = "separable" if jax.default_backend() == "tpu" else "gather"
   pool = _roi_align_gather if impl == "gather" else _roi_align_separable
   return pool(features, levels, y_samples, x_samples, output_size, sampling_ratio), levels
