@@ -14,9 +14,11 @@ matrix products instead, one per kernel tap:
   input gradient   dX = sum over taps of G W[i, j]^T, each placed on its pixels by a padding
                    with holes (`lax.pad` with interior padding) for a stride > 1
 
-written as 2-D products, which XLA:CPU runs with a transposed operand in place. A stride-1
-convolution with a kernel larger than 1x1 keeps XLA's input gradient, itself a stride-1
-convolution that runs as fast as the forward. The values are the same to float32 rounding
+written as 2-D products, which XLA:CPU runs with a transposed operand in place. This form is
+used where it wins: 1x1 and strided convolutions. A stride-1 convolution with a larger kernel
+keeps XLA's gradients: its input gradient is itself a stride-1 convolution as fast as the
+forward, and its k*k thin weight-gradient products were no faster than XLA's on R-50 and
+20 % slower on the small from-scratch models. The values are the same to float32 rounding
 (tests/test_conv.py checks them against a NumPy loop). Measured on the R-50 train step at
 800x1216 (`benchmarks/compare_official.py`): see the README. On a GPU or TPU the convolution
 libraries' own gradients are the better choice: `make_conv("auto")` picks by platform.
@@ -101,20 +103,17 @@ def _conv_fwd(x, kernel, stride):
 
 def _conv_bwd(stride, residuals, grad):
   x, kernel = residuals
-  if stride == 1 and kernel.shape[0] > 1:
-    dx = jax.vjp(lambda x: conv_xla(x, kernel, stride), x)[1](grad)[0]
-  else:
-    dx = input_gradient(grad, kernel, x.shape[1:3], stride)
-  return dx, weight_gradient(x, grad, kernel.shape[0], stride)
+  return (input_gradient(grad, kernel, x.shape[1:3], stride),
+          weight_gradient(x, grad, kernel.shape[0], stride))
 
 
 _conv_matmul_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv_matmul_grad(x, kernel, stride: int):
-  """`conv_xla`'s function, differentiated by matrix products (inputs of at least 16
-  channels; an RGB stem keeps XLA's gradients)."""
-  if kernel.shape[2] < _MIN_CHANNELS:
+  """`conv_xla`'s function; a 1x1 or strided convolution of at least 16 input channels is
+  differentiated by matrix products, any other by XLA."""
+  if kernel.shape[2] < _MIN_CHANNELS or (stride == 1 and kernel.shape[0] > 1):
     return conv_xla(x, kernel, stride)
   return _conv_matmul_grad(x, kernel, stride)
 
