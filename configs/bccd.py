@@ -25,5 +25,7 @@ def get_config():
 
   config.optimizer.update(base_learning_rate=5e-4, base_batch_size=8, warmup_steps=100,
                           decay_at=(0.75, 0.9))
-  config.train.update(num_steps=2600, log_every=25, checkpoint_every=500, eval_every=0)
+  # With the faster train step (README, Speed) 5200 steps fit the 30 minutes that 2600 took;
+  # AP50 was 73.4 at 2600 steps, 79.5 at 4400 (README, results).
+  config.train.update(num_steps=5200, log_every=25, checkpoint_every=500, eval_every=0)
   return config
