@@ -134,11 +134,15 @@ def _pool_gather(maps, indices, weights):
   out = 0.0
   for table, index in zip(maps, indices):
     # A clipped gather with zero weights, not a filling one: XLA fuses the former into the
-    # weighted sum, and writes every filled row out first for the latter.
+    # weighted sum, and writes every filled row out first for the latter. The sum over taps is
+    # written out tap by tap: XLA fuses all the gathers into one elementwise loop over the
+    # output, where a reduction over the taps axis ran 3-6x slower on CPU.
     on_level = index < table.shape[0]
-    rows = jnp.take(table, jnp.where(on_level, index, 0), axis=0, mode="clip")
+    index = jnp.where(on_level, index, 0)
     level_weights = jnp.where(on_level, weights, 0.0).astype(table.dtype)
-    out = out + jnp.sum(rows * level_weights[..., None], axis=-2)
+    for tap in range(index.shape[-1]):
+      row = jnp.take(table, index[..., tap], axis=0, mode="clip")
+      out = out + row * level_weights[..., tap, None]
   return out
 
 
