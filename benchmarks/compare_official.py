@@ -41,7 +41,6 @@ from sparse_rcnn_jax import box_ops, detector, losses, xla_cpu
 from sparse_rcnn_jax.backbone import ResNet
 from sparse_rcnn_jax.dynamic_head import DynamicHead
 from sparse_rcnn_jax.fpn import FPN
-from sparse_rcnn_jax.head_config import HeadConfig
 from sparse_rcnn_jax.roi_align import multilevel_roi_align
 
 HARNESS = common.SHARED / "official_timing"
@@ -73,7 +72,8 @@ class Ours:
   def __init__(self, ynnpack: bool, rows=ROWS):
     config = r50_100pro_3x.get_config()
     self.loss_config = config.loss
-    cfg = HeadConfig.from_config(config.model)
+    self.model = detector.build_model(config.model)
+    cfg = self.model.head
     h, w = IMAGE_HW
     rng = np.random.default_rng(1234)
     self.maps = [jnp.asarray(rng.standard_normal((1, h // s, w // s, cfg.hidden_dim)),
@@ -83,16 +83,17 @@ class Ours:
     m = len(GT_BOXES)
     self.targets = {"gt_boxes": jnp.array([GT_BOXES]), "gt_labels": jnp.array([GT_LABELS]),
                     "gt_mask": jnp.ones((1, m), bool), "image_whwh": self.whwh}
-    self.model = detector.build_model(config.model)
     variables = jax.jit(self.model.init)(jax.random.PRNGKey(0), self.image, self.whwh)
     params = variables["params"]
     params["head"]["proposal_boxes"] = jnp.asarray(spread_proposals(cfg.num_proposals))
     self.variables = {"params": params, "batch_stats": variables["batch_stats"]}
+    # The model's own parts, for the rows that run one of them alone.
+    model = self.model
     self.head = DynamicHead(cfg)
     self.boxes = box_ops.cxcywh_to_xyxy(params["head"]["proposal_boxes"])[None] * self.whwh
-    backbone = config.model.backbone
-    self.backbone = ResNet(backbone.depth, backbone.width, backbone.norm, backbone.freeze_at)
-    self.fpn = FPN(cfg.hidden_dim)
+    self.backbone = ResNet(model.depth, model.width, model.norm, model.freeze_at,
+                           model.conv_impl)
+    self.fpn = FPN(cfg.hidden_dim, conv_impl=model.conv_impl)
     self.options = xla_cpu.compiler_options(ynnpack)
     self.fns = self._compile(rows)
 
