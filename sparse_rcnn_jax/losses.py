@@ -4,8 +4,13 @@ Each stage's predictions are matched to the ground truth on their own (matcher.p
 of a stage is a sigmoid focal loss over all B*N*C logits plus L1 and GIoU losses on the
 matched pairs, each divided by num_boxes and weighted; the total sums over stages.
 
+The matcher is config.loss.matcher: "scipy" (the default, solved on the host through one
+callback per device) or "device" (solved inside the compiled step); matcher.py says when to
+choose which. In a traced program the loss's ops sit under the name scope
+"set_prediction_loss", and the costs and the matching under "set_prediction_loss/matching".
+
 One code path for one device and a data-parallel mesh: the loss is written on the global
-batch (the jit partitions it), and only the matching runs per device (matcher.per_device).
+batch (the jit partitions it), and only the matching runs per device (matcher.get_matcher).
 The official code computes, on each of D devices, its local sum / num_boxes with
 num_boxes = max(global GT count / D, 1), and averages gradients over devices; the global-batch
 equivalent is (global sum) / (D * num_boxes), which is what `set_prediction_loss` returns.
@@ -105,6 +110,42 @@ def _data_parallel(mesh: Mesh | None, axis: str) -> int:
   return mesh.shape[axis]
 
 
+def _match(pred_logits, pred_boxes, gt_boxes, gt_labels, image_whwh, gt_mask, config,
+           mesh: Mesh | None, data_axis: str):
+  """The matching costs of every stage and image, and the matcher's assignment.
+
+  Args:
+    pred_logits: [S, B, N, C]; pred_boxes: [S, B, N, 4] absolute xyxy.
+    gt_boxes: [B, M, 4]; gt_labels, gt_mask: [B, M]; image_whwh: [B, 4].
+  Returns:
+    costs [B, S, N, M] (batch-major, so the matcher's batch axis is the one split over
+    devices) and pred_index, match_mask [S, B, M].
+  """
+  costs = matcher_lib.match_costs(
+      jnp.swapaxes(pred_logits, 0, 1), jnp.swapaxes(pred_boxes, 0, 1), gt_boxes[:, None],
+      gt_labels[:, None], image_whwh[:, None], class_weight=config.class_weight,
+      l1_weight=config.l1_weight, giou_weight=config.giou_weight,
+      focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma)
+  stage_mask = jnp.broadcast_to(gt_mask[:, None], costs.shape[:2] + gt_mask.shape[-1:])
+  match = matcher_lib.get_matcher(config.matcher, mesh, data_axis)
+  pred_index, match_mask = (jnp.swapaxes(x, 0, 1) for x in match(costs, stage_mask))
+  return costs, pred_index, match_mask
+
+
+def _weighted(sums: dict, config, denominator) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The total weighted loss and every term of every stage, from the [S] sums."""
+  weights = {"loss_ce": config.class_weight, "loss_bbox": config.l1_weight,
+             "loss_giou": config.giou_weight}
+  metrics, total = {}, 0.0
+  for term in TERMS:
+    per_stage = sums[term] / denominator
+    for s in range(per_stage.shape[0]):
+      metrics[f"{term}_{s}"] = per_stage[s]
+      metrics[f"weighted_{term}_{s}"] = weights[term] * per_stage[s]
+    total = total + weights[term] * jnp.sum(per_stage)
+  return total, metrics
+
+
 def set_prediction_loss(pred_logits, pred_boxes, targets: dict, config: Any, *,
                         mesh: Mesh | None = None, data_axis: str = "data"
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -118,45 +159,27 @@ def set_prediction_loss(pred_logits, pred_boxes, targets: dict, config: Any, *,
     config: config.loss: class_weight, l1_weight, giou_weight, focal_alpha, focal_gamma and
       matcher (a key of matcher.MATCHERS).
     mesh: the data-parallel mesh when the batch is split over `data_axis`; the matching then
-      runs on each device's own images. None on one device.
+      runs on each device's own images, whichever the matcher. None on one device.
   Returns:
     total: scalar, sum over stages and terms of weight * term.
     metrics: "loss_ce_{s}", "loss_bbox_{s}", "loss_giou_{s}" (unweighted, s = 0..S-1),
       "weighted_loss_ce_{s}" etc., "num_boxes" and "num_nonfinite_costs" (cost entries of real
       ground truth that were NaN or infinite; such pairs are matched only as a last resort).
   """
-  gt_boxes = targets["gt_boxes"].astype(jnp.float32)
-  gt_labels, gt_mask = targets["gt_labels"], targets["gt_mask"]
-  image_whwh = targets["image_whwh"].astype(jnp.float32)
-  num_stages = pred_logits.shape[0]
-  num_devices = _data_parallel(mesh, data_axis)
-
-  # Batch-major [B, S, ...] so the matcher's batch axis is the one split over devices.
-  costs = matcher_lib.match_costs(
-      jnp.swapaxes(pred_logits, 0, 1), jnp.swapaxes(pred_boxes, 0, 1), gt_boxes[:, None],
-      gt_labels[:, None], image_whwh[:, None], class_weight=config.class_weight,
-      l1_weight=config.l1_weight, giou_weight=config.giou_weight,
-      focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma)
-  stage_mask = jnp.broadcast_to(gt_mask[:, None], costs.shape[:2] + gt_mask.shape[-1:])
-  match = matcher_lib.get_matcher(config.matcher)
-  if mesh is not None:
-    match = matcher_lib.per_device(match, mesh, data_axis)
-  pred_index, match_mask = (jnp.swapaxes(x, 0, 1) for x in match(costs, stage_mask))
-
-  sums = stage_loss_sums(pred_logits, pred_boxes, gt_boxes, gt_labels, image_whwh, pred_index,
-                         match_mask, focal_alpha=config.focal_alpha,
-                         focal_gamma=config.focal_gamma)
-  num_boxes = num_boxes_per_device(gt_mask, num_devices)
-  weights = {"loss_ce": config.class_weight, "loss_bbox": config.l1_weight,
-             "loss_giou": config.giou_weight}
-  metrics, total = {}, 0.0
-  for term in TERMS:
-    per_stage = sums[term] / (num_devices * num_boxes)
-    for s in range(num_stages):
-      metrics[f"{term}_{s}"] = per_stage[s]
-      metrics[f"weighted_{term}_{s}"] = weights[term] * per_stage[s]
-    total = total + weights[term] * jnp.sum(per_stage)
-  metrics["num_boxes"] = num_boxes
-  metrics["num_nonfinite_costs"] = jnp.sum(
-      ~jnp.isfinite(costs) & stage_mask[:, :, None, :]).astype(jnp.float32)
-  return total, metrics
+  with jax.named_scope("set_prediction_loss"):
+    gt_boxes = targets["gt_boxes"].astype(jnp.float32)
+    gt_labels, gt_mask = targets["gt_labels"], targets["gt_mask"]
+    image_whwh = targets["image_whwh"].astype(jnp.float32)
+    num_devices = _data_parallel(mesh, data_axis)
+    with jax.named_scope("matching"):
+      costs, pred_index, match_mask = _match(pred_logits, pred_boxes, gt_boxes, gt_labels,
+                                             image_whwh, gt_mask, config, mesh, data_axis)
+    sums = stage_loss_sums(pred_logits, pred_boxes, gt_boxes, gt_labels, image_whwh,
+                           pred_index, match_mask, focal_alpha=config.focal_alpha,
+                           focal_gamma=config.focal_gamma)
+    num_boxes = num_boxes_per_device(gt_mask, num_devices)
+    total, metrics = _weighted(sums, config, num_devices * num_boxes)
+    metrics["num_boxes"] = num_boxes
+    metrics["num_nonfinite_costs"] = jnp.sum(
+        ~jnp.isfinite(costs) & gt_mask[:, None, None, :]).astype(jnp.float32)
+    return total, metrics

@@ -1,14 +1,23 @@
-"""Hungarian matching of predictions to ground truth (SPEC.md section 5), solved on the host.
+"""Hungarian matching of predictions to ground truth (SPEC.md section 5).
 
-The costs are computed on the device for every stage and image at once; the assignment is
-solved by `scipy.optimize.linear_sum_assignment` in ONE `jax.pure_callback` per device per
-training step. A matcher is any function with the signature of `hungarian_match`
+The costs are computed on the device for every stage and image at once. A matcher is any
+function with the signature of `hungarian_match`
 
     (costs [B, ..., N, M], gt_mask [B, ..., M]) -> (pred_index [B, ..., M], match_mask [B, ..., M])
 
-(batch axis first, then any further axes such as stages), so a device-native matcher can be
-registered in MATCHERS and chosen by `config.loss.matcher` without touching the loss. Under a
-mesh, `per_device` runs a matcher on each device's own images (no all-gather of costs).
+(batch axis first, then any further axes such as stages), registered in MATCHERS and chosen by
+`config.loss.matcher`. `get_matcher` returns it ready to call: under a mesh, wrapped by
+`per_device` so each device matches its own images (no all-gather of costs). Both matchers
+solve the same problem: per block, min(N, real slots) one-to-one pairs of least total cost,
+only real slots matched, non-finite costs matched only as a last resort (`_finite_block`).
+
+  * "scipy" (the default): `scipy.optimize.linear_sum_assignment` on the host, an exact
+    float64 solve, in ONE `jax.pure_callback` per device per training step. The round trip
+    to the host is its cost.
+  * "device": `optax.assignment.hungarian_algorithm` vmapped over the blocks, inside the
+    compiled step: no host callback, for GPU/TPU pods and many processes. A float32 solve
+    (ties within float32 rounding may go either way); its cubic work runs in while loops on
+    the device, which on a CPU is far slower than scipy.
 
 Why the callback's arguments are split into chunks of at most 64 KiB (`_to_chunks`): the cause
 of the hangs seen with callbacks on several CPU devices (jaxlib 0.10.2, 2-core host,
@@ -39,6 +48,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from scipy.optimize import linear_sum_assignment
@@ -176,23 +186,90 @@ def hungarian_match(costs: jax.Array, gt_mask: jax.Array) -> tuple[jax.Array, ja
   return jax.pure_callback(host, out, cost_chunks, mask_chunks, vmap_method="broadcast_all")
 
 
-MATCHERS: dict[str, Matcher] = {"scipy": hungarian_match}
+def _above(top: jax.Array) -> jax.Array:
+  """A float32 strictly above `top`, by at least 1 (by more where 1 is below its precision)."""
+  return top + jnp.maximum(1.0, jnp.abs(top) * 2.0 ** -20)
 
 
-def get_matcher(name: str) -> Matcher:
-  """The matcher registered under `name` (config.loss.matcher)."""
-  if name not in MATCHERS:
-    raise ValueError(f"Unknown matcher {name!r} (config.loss.matcher); "
-                     f"expected one of {sorted(MATCHERS)}")
-  return MATCHERS[name]
+def _negative_block(costs: jax.Array, gt_mask: jax.Array) -> jax.Array:
+  """One block as the device solver takes it: real slots below 0, padded slots exactly 0.
+
+  Real entries are `_finite_block`'s (a non-finite cost becomes its penalty), all lowered by
+  one constant just above the largest of them. The solver assigns min(N, M) pairs; a pair
+  (i, padded slot) while a real slot j is free would cost more than (i, j), so at the optimum
+  the real pairs number min(N, real slots) and are the cheapest such pairs (the shift adds
+  the same to every choice of that size). No big-M constant is needed (in float32, a big M
+  added to a cost would round its digits away).
+
+  Args:
+    costs: [N, M] float32.
+    gt_mask: [M] bool.
+  Returns:
+    [N, M] float32.
+  """
+  real = jnp.broadcast_to(gt_mask, costs.shape)
+  finite = jnp.isfinite(costs) & real
+  any_finite = jnp.any(finite)
+  lo = jnp.where(any_finite, jnp.min(costs, where=finite, initial=jnp.inf), 0.0)
+  hi = jnp.where(any_finite, jnp.max(costs, where=finite, initial=-jnp.inf), 0.0)
+  penalty = hi + jnp.sum(gt_mask) * (hi - lo) + 1.0
+  top = jnp.where(jnp.all(finite == real), hi, penalty)
+  return jnp.where(real, jnp.where(finite, costs, penalty) - _above(top), 0.0)
+
+
+def _device_block(costs: jax.Array, gt_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`solve_assignments` of one block [N, M] with gt_mask [M], on the device."""
+  rows, cols = optax.assignment.hungarian_algorithm(_negative_block(costs, gt_mask))
+  matched = gt_mask[cols]
+  pred_index = jnp.zeros(gt_mask.shape, jnp.int32).at[cols].set(
+      jnp.where(matched, rows, 0).astype(jnp.int32))
+  return pred_index, jnp.zeros(gt_mask.shape, bool).at[cols].set(matched)
+
+
+def device_match(costs: jax.Array, gt_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The matching of `hungarian_match`, solved on the device in float32 (no host callback).
+
+  Args:
+    costs: [..., N, M] (e.g. [B, S, N, M]); no gradient flows.
+    gt_mask: [..., M] bool.
+  Returns:
+    pred_index [..., M] int32 (0 where unmatched) and match_mask [..., M] bool.
+  """
+  lead, (n, m) = costs.shape[:-2], costs.shape[-2:]
+  k = int(np.prod(lead, dtype=np.int64))
+  costs = jax.lax.stop_gradient(costs).astype(jnp.float32).reshape((k, n, m))
+  pred_index, match_mask = jax.vmap(_device_block)(costs, gt_mask.reshape(k, m))
+  return pred_index.reshape(lead + (m,)), match_mask.reshape(lead + (m,))
+
+
+MATCHERS: dict[str, Matcher] = {"scipy": hungarian_match, "device": device_match}
 
 
 def per_device(matcher: Matcher, mesh: Mesh, axis: str) -> Matcher:
   """`matcher` run by each device on its own images: the batch axis (0) is split over `axis`.
 
-  The callback sees only the local [B / devices, ...] block, so no device gathers another's
-  cost matrices and each device makes one host round trip. Every mesh axis is manual inside
-  (callbacks require it); devices along other axes repeat their group's matching.
+  Each device sees only its local [B / devices, ...] blocks: no device gathers another's cost
+  matrices, the host matcher makes one round trip per device, and the device matcher's while
+  loops run on their own (partitioned by the jit instead, every iteration of every loop would
+  wait for an all-reduce of the loop condition over all devices). Every mesh axis is manual
+  inside (callbacks require it); devices along other axes repeat their group's matching.
+  check_vma is off because optax's while loops start from constants that do not vary over
+  `axis` and so fail the check, though every device's loop is its own.
   """
   spec = P(axis)
-  return jax.shard_map(matcher, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec))
+  return jax.shard_map(matcher, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec),
+                       check_vma=False)
+
+
+def get_matcher(name: str, mesh: Mesh | None = None, axis: str = "data") -> Matcher:
+  """The matcher registered under `name` (config.loss.matcher), ready to call.
+
+  Args:
+    name: a key of MATCHERS.
+    mesh: the mesh whose `axis` splits the batch (the matcher then runs per device), or None.
+    axis: the mesh axis of the batch.
+  """
+  if name not in MATCHERS:
+    raise ValueError(f"Unknown matcher {name!r} (config.loss.matcher); "
+                     f"expected one of {sorted(MATCHERS)}")
+  return MATCHERS[name] if mesh is None else per_device(MATCHERS[name], mesh, axis)

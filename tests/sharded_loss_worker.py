@@ -6,6 +6,7 @@ checks every step against the same step on one device. Launched by test_sharded_
       --mode devices --steps 50
   # one device in each of 2 processes (run both, ids 0 and 1):
   python tests/sharded_loss_worker.py --mode processes --port 12345 --process-id 0 --steps 50
+  # either with the matching solved on the device: add --matcher device
 
 A tiny replicated "model" (a per-class logit scale and a box shift) turns batch-sharded base
 predictions into pred_logits / pred_boxes, so the gradient is all-reduced over devices as in
@@ -13,12 +14,13 @@ training, and each step updates it. Each device's cost blocks exceed 100 KiB, th
 which pure_callback's arguments used to reach the callback through an asynchronous copy (see
 matcher.py). The host dispatches `--window` steps before reading them: pipelined, but fewer
 than 32 in flight (the limit matcher.py's docstring explains). Prints one JSON line; exits 1
-on a mismatch. The JSON also counts the all-gathers and host callbacks in the compiled
-per-device program.
+on a mismatch. The JSON also counts the all-gathers, host callbacks and the matching's
+collectives in the compiled per-device program. `--matcher` picks config.loss.matcher.
 """
 import argparse
 import faulthandler
 import json
+import re
 import sys
 import time
 
@@ -55,9 +57,22 @@ def make_problem(batch: int, seed: int = 0) -> tuple[dict, dict]:
   return base, targets
 
 
+def program_summary(hlo: str) -> dict:
+  """The per-device program's all-gathers, host callbacks, and collectives of the matching
+  (a matcher left to the jit to partition would all-reduce each while loop's condition)."""
+  collective = re.compile(r"\b(all-reduce|all-gather|all-to-all|collective-permute|"
+                          r"reduce-scatter)(-start)?\(")
+  lines = hlo.splitlines()
+  return {"all_gathers": hlo.count("all-gather-start(") + hlo.count("all-gather("),
+          "callbacks": hlo.count('custom_call_target="xla_ffi_python_cpu_callback"'),
+          "matching_collectives": sum(1 for line in lines
+                                      if collective.search(line) and "/matching/" in line)}
+
+
 def main() -> int:
   parser = argparse.ArgumentParser()
   parser.add_argument("--mode", choices=("devices", "processes"), required=True)
+  parser.add_argument("--matcher", default="scipy", help="config.loss.matcher")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--window", type=int, default=8)
   parser.add_argument("--port", type=int, default=0)
@@ -74,7 +89,8 @@ def main() -> int:
                                num_processes=args.num_processes, process_id=args.process_id)
 
   config = ml_collections.ConfigDict(dict(class_weight=2.0, l1_weight=5.0, giou_weight=2.0,
-                                          focal_alpha=0.25, focal_gamma=2.0, matcher="scipy"))
+                                          focal_alpha=0.25, focal_gamma=2.0,
+                                          matcher=args.matcher))
   devices = jax.devices()
   batch = len(devices) * BATCH_PER_DEVICE
   base, targets = make_problem(batch)
@@ -107,10 +123,8 @@ def main() -> int:
   g_targets = {k: global_array(v, split_targets, 0) for k, v in targets.items()}
   params = {"scale": np.ones((C,), np.float32), "shift": np.zeros((4,), np.float32)}
   params = jax.device_put(params, replicated)
-  # The per-device program: its collectives and host callbacks.
   hlo = sharded_step.lower(params, g_base, g_targets).compile().as_text()
-  program = {"all_gathers": hlo.count("all-gather-start(") + hlo.count("all-gather("),
-             "callbacks": hlo.count('custom_call_target="xla_ffi_python_cpu_callback"')}
+  program = program_summary(hlo)
 
   worst, start = 0.0, time.perf_counter()
   for first in range(0, args.steps, args.window):

@@ -146,6 +146,54 @@ def test_one_host_round_trip_per_loss_and_gradient(monkeypatch):
   assert calls == [(2 * 2, 6, 4)]      # all images x stages in one call
 
 
+def with_matcher(name: str) -> ml_collections.ConfigDict:
+  config = CONFIG.copy_and_resolve_references()
+  config.matcher = name
+  return config
+
+
+@pytest.mark.parametrize("seed,n", [(0, 6), (1, 1), (2, 9)])
+def test_device_matcher_gives_the_scipy_loss_and_gradients(seed, n):
+  """Random continuous costs have no ties, so both matchers pick the same pairs; n=1 has
+  fewer proposals than ground-truth boxes."""
+  logits, boxes, targets = synthetic_batch(seed, b=3, n=n)
+  targets["gt_mask"][2] = False
+
+  def run(name):
+    fn = lambda l, b: losses.set_prediction_loss(l, b, targets, with_matcher(name))
+    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(logits, boxes)
+
+  (want_total, want_metrics), want_grads = run("scipy")
+  (total, metrics), grads = run("device")
+  np.testing.assert_allclose(total, want_total, rtol=1e-6)
+  for key, want in want_metrics.items():
+    np.testing.assert_allclose(metrics[key], want, rtol=1e-6, atol=1e-7, err_msg=key)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["scipy", "device"])
+def test_only_the_scipy_matcher_calls_the_host(name):
+  """The compiled loss and gradient: a host callback with "scipy", none with "device"."""
+  logits, boxes, targets = synthetic_batch()
+  fn = lambda l, b: losses.set_prediction_loss(l, b, targets, with_matcher(name))[0]
+  lowered = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(logits, boxes)
+  for text in (lowered.as_text(), lowered.compile().as_text()):
+    assert ("callback" in text.lower()) == (name == "scipy")
+
+
+@pytest.mark.parametrize("name,solver", [("scipy", "pure_callback"), ("device", "scan")])
+def test_the_loss_and_the_matching_have_their_name_scopes(name, solver):
+  """Every op of the loss under "set_prediction_loss", the solve under ".../matching"."""
+  logits, boxes, targets = synthetic_batch()
+  jaxpr = jax.make_jaxpr(lambda l, b: losses.set_prediction_loss(
+      l, b, targets, with_matcher(name)))(logits, boxes)
+  stacks = [(str(e.source_info.name_stack), e.primitive.name) for e in jaxpr.eqns]
+  assert all(stack.startswith("set_prediction_loss") for stack, _ in stacks)
+  solves = [stack for stack, primitive in stacks if primitive == solver]
+  assert solves and all(s.startswith("set_prediction_loss/matching") for s in solves)
+
+
 def test_a_mesh_without_the_data_axis_is_reported():
   logits, boxes, targets = synthetic_batch()
   mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
