@@ -2,6 +2,7 @@
 
   python benchmarks/overfit.py                       # coco128 (../shared/data) and synthetic
   python benchmarks/overfit.py --sets synthetic --steps 300
+  python benchmarks/overfit.py --dtype bfloat16 --matcher device
 
 Each set: the first 8 images that have boxes, batch 4 at 128 px, the trainer of train.py with
 no flip, and a constant learning rate after a short warmup. Prints the loss curve (mean over
@@ -52,8 +53,11 @@ def dataset(name: str, scratch: pathlib.Path, count: int) -> tuple[pathlib.Path,
   return first_images_with_boxes(ann, count, scratch / "synthetic.json"), images
 
 
-def overfit_config(ann: pathlib.Path, images: pathlib.Path, steps: int, batch: int):
+def overfit_config(ann: pathlib.Path, images: pathlib.Path, steps: int, batch: int,
+                   dtype: str = "float32", matcher: str = "scipy"):
   config = tiny.get_config()
+  config.model.dtype = dtype
+  config.loss.matcher = matcher
   config.data.update(train_ann=str(ann), train_images=str(images), eval_ann="", eval_images="",
                      train_scales=(128,), max_size=128, test_scale=128, max_boxes=64,
                      batch_size=batch, flip_prob=0.0, on_bad_annotation="skip")
@@ -63,12 +67,14 @@ def overfit_config(ann: pathlib.Path, images: pathlib.Path, steps: int, batch: i
   return config
 
 
-def overfit(name: str, steps: int = 200, count: int = 8, batch: int = 4) -> np.ndarray:
-  """Losses of every step of the tiny config trained on `count` images of set `name`."""
+def overfit(name: str, steps: int = 200, count: int = 8, batch: int = 4,
+            dtype: str = "float32", matcher: str = "scipy") -> np.ndarray:
+  """Losses of every step of the tiny config (compute `dtype`, `matcher`) trained on `count`
+  images of set `name`."""
   with tempfile.TemporaryDirectory() as scratch:
     scratch = pathlib.Path(scratch)
     ann, images = dataset(name, scratch, count)
-    trainer.train(overfit_config(ann, images, steps, batch), scratch / "work")
+    trainer.train(overfit_config(ann, images, steps, batch, dtype, matcher), scratch / "work")
     records = metric_writer.read_metrics(scratch / "work" / "metrics.jsonl")
   return np.array([r["loss"] for r in records if "loss" in r])
 
@@ -84,14 +90,17 @@ def main():
   parser.add_argument("--sets", nargs="+", default=["coco128", "synthetic"],
                       choices=["coco128", "synthetic"])
   parser.add_argument("--steps", type=int, default=200)
+  parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+  parser.add_argument("--matcher", default="scipy", choices=["scipy", "device"])
   args = parser.parse_args()
   rows = []
   for name in args.sets:
-    curve = windows(overfit(name, args.steps))
-    for first, last, mean in curve:
-      rows.append({"set": name, "steps": f"{first}-{last}", "mean_loss": mean,
-                   "vs_first": mean / curve[0][2]})
-  common.report("overfit", rows, ["set", "steps", "mean_loss", "vs_first"])
+    for dtype in args.dtype:
+      curve = windows(overfit(name, args.steps, dtype=dtype, matcher=args.matcher))
+      for first, last, mean in curve:
+        rows.append({"set": name, "dtype": dtype, "matcher": args.matcher,
+                     "steps": f"{first}-{last}", "mean_loss": mean, "vs_first": mean / curve[0][2]})
+  common.report("overfit", rows, ["set", "dtype", "matcher", "steps", "mean_loss", "vs_first"])
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Gradients of the backbone's and FPN's convolutions: "matmul_grad" (as matrix products,
   # several times faster on a CPU), "xla" (XLA's own, for GPU/TPU), "auto" (by platform).
   model.conv_impl = "auto"
+  # Compute dtype: "float32", or "bfloat16" for GPU/TPU (parameters, losses, matching, box
+  # decoding and RoIAlign's coordinates stay float32; sparse_rcnn_jax/precision.py).
+  model.dtype = "float32"
   # Optional weights to start from: torchvision ImageNet ResNet (.pth/.npz) or a whole
   # official Sparse R-CNN checkpoint.
   model.torchvision_weights = ""
@@ -59,7 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Data (SPEC.md section 1; fields documented in sparse_rcnn_jax/data/config.py).
   config.data = data_config.default_config()
 
-  # Loss and matching (SPEC.md section 5).
+  # Loss and matching (SPEC.md section 5). matcher: "scipy" (exact, on the host through one
+  # callback per device; the default) or "device" (on the accelerator, no host round trip: for
+  # GPU/TPU pods; sparse_rcnn_jax/matcher.py says when to choose which).
   config.loss = ml_collections.ConfigDict(dict(
       class_weight=2.0, l1_weight=5.0, giou_weight=2.0, focal_alpha=0.25, focal_gamma=2.0,
       matcher="scipy"))

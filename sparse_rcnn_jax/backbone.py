@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_rcnn_jax import conv
+from sparse_rcnn_jax import precision
 
 # Residual blocks per stage res2..res5.
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -85,7 +86,8 @@ class FrozenBatchNorm(nn.Module):
   """Batch norm with fixed statistics and affine: y = x * scale + shift over the last axis.
 
   All four values live in the "batch_stats" collection, not in "params", so they are never
-  trained; they start as the identity (weight 1, bias 0, mean 0, var 1).
+  trained; they start as the identity (weight 1, bias 0, mean 0, var 1). They stay float32 and
+  the affine is applied in float32; the output has the input's dtype.
   """
   eps: float = 1e-5
 
@@ -99,19 +101,21 @@ class FrozenBatchNorm(nn.Module):
              for name in BATCH_NORM_STATS}
     scale = stats["weight"] * jax.lax.rsqrt(stats["running_var"] + self.eps)
     shift = stats["bias"] - stats["running_mean"] * scale
-    return x * scale + shift
+    return (x.astype(jnp.float32) * scale + shift).astype(x.dtype)
 
 
-def make_norm(kind: str, channels: int) -> nn.Module:
+def make_norm(kind: str, channels: int, dtype: str = "float32") -> nn.Module:
   """The norm after each conv, named "norm" like detectron2's `conv.norm`.
 
   group_norm (trainable, for training from scratch) uses 32 groups, or the largest divisor of
-  32 that divides `channels` when there are fewer channels (tiny test networks).
+  32 that divides `channels` when there are fewer channels (tiny test networks); its output is
+  in `dtype` (statistics in float32).
   """
   if kind == "frozen_bn":
     return FrozenBatchNorm(name="norm")
   if kind == "group_norm":
-    return nn.GroupNorm(num_groups=math.gcd(32, channels), epsilon=1e-5, name="norm")
+    return nn.GroupNorm(num_groups=math.gcd(32, channels), epsilon=1e-5,
+                        dtype=precision.compute_dtype(dtype), name="norm")
   raise ValueError(f"norm must be one of {NORMS}, got {kind!r}.")
 
 
@@ -120,11 +124,13 @@ class ConvNorm(nn.Module):
 
   The kernel [kH, kW, I, O] sits directly under this module, next to the "norm" submodule,
   mirroring detectron2's `conv1.weight` and `conv1.norm.*`. Init: kaiming normal, fan_out, like
-  torchvision and detectron2's c2_msra_fill.
+  torchvision and detectron2's c2_msra_fill. The kernel is stored float32 and the convolution
+  computed in `dtype`.
   """
   spec: ConvSpec
   norm: str
   conv_impl: str = "auto"
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -132,8 +138,9 @@ class ConvNorm(nn.Module):
     s = self.spec
     kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                         (s.kernel_size, s.kernel_size, s.in_channels, s.out_channels))
-    y = conv.make_conv(self.conv_impl)(x, kernel, s.stride)
-    return make_norm(self.norm, s.out_channels)(y)
+    dtype = precision.compute_dtype(self.dtype)
+    y = conv.make_conv(self.conv_impl)(x.astype(dtype), kernel.astype(dtype), s.stride)
+    return make_norm(self.norm, s.out_channels, self.dtype)(y)
 
 
 class ResidualBlock(nn.Module):
@@ -141,18 +148,19 @@ class ResidualBlock(nn.Module):
   spec: BlockSpec
   norm: str
   conv_impl: str = "auto"
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, I] -> [B, H / stride, W / stride, O] (PyTorch rounding)."""
     y = x
     for index, conv in enumerate(self.spec.convs):
-      y = ConvNorm(conv, self.norm, self.conv_impl, name=conv.name)(y)
+      y = ConvNorm(conv, self.norm, self.conv_impl, self.dtype, name=conv.name)(y)
       if index < len(self.spec.convs) - 1:
         y = nn.relu(y)
     shortcut = self.spec.shortcut
     if shortcut is not None:
-      x = ConvNorm(shortcut, self.norm, self.conv_impl, name=shortcut.name)(x)
+      x = ConvNorm(shortcut, self.norm, self.conv_impl, self.dtype, name=shortcut.name)(x)
     return nn.relu(y + x)
 
 
@@ -161,11 +169,12 @@ class Stage(nn.Module):
   blocks: tuple[BlockSpec, ...]
   norm: str
   conv_impl: str = "auto"
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for j, block in enumerate(self.blocks):
-      x = ResidualBlock(block, self.norm, self.conv_impl, name=f"block{j}")(x)
+      x = ResidualBlock(block, self.norm, self.conv_impl, self.dtype, name=f"block{j}")(x)
     return x
 
 
@@ -174,11 +183,13 @@ class Stem(nn.Module):
   spec: ConvSpec
   norm: str
   conv_impl: str = "auto"
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, 3] -> [B, ~H/4, ~W/4, width]."""
-    x = nn.relu(ConvNorm(self.spec, self.norm, self.conv_impl, name=self.spec.name)(x))
+    x = nn.relu(ConvNorm(self.spec, self.norm, self.conv_impl, self.dtype,
+                           name=self.spec.name)(x))
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -193,12 +204,14 @@ class ResNet(nn.Module):
     freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and res2..res{k}. Frozen parts get
       no gradient (stop_gradient on their output); masking them in the optimizer is done elsewhere.
     conv_impl: how convolutions are differentiated (conv.make_conv).
+    dtype: the compute dtype (precision.py); parameters and statistics stay float32.
   """
   depth: int
   width: int = 64
   norm: str = "frozen_bn"
   freeze_at: int = 2
   conv_impl: str = "auto"
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -206,17 +219,17 @@ class ResNet(nn.Module):
 
     Returns:
       {"res2": [B, H2, W2, C2], "res3", "res4", "res5"} at strides 4, 8, 16, 32 (sizes rounded
-      as PyTorch does), C = width * (1, 2, 4, 8), times 4 for bottlenecks.
+      as PyTorch does), C = width * (1, 2, 4, 8), times 4 for bottlenecks; in `dtype`.
     """
     if not 0 <= self.freeze_at <= 1 + len(STAGES):
       raise ValueError(f"freeze_at must be in 0..{1 + len(STAGES)}, got {self.freeze_at}.")
     spec = resnet_spec(self.depth, self.width)
-    x = Stem(spec.stem, self.norm, self.conv_impl, name="stem")(x)
+    x = Stem(spec.stem, self.norm, self.conv_impl, self.dtype, name="stem")(x)
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
     features = {}
     for number, (stage, blocks) in enumerate(spec.stages.items(), start=2):
-      x = Stage(blocks, self.norm, self.conv_impl, name=stage)(x)
+      x = Stage(blocks, self.norm, self.conv_impl, self.dtype, name=stage)(x)
       if self.freeze_at >= number:
         x = jax.lax.stop_gradient(x)
       features[stage] = x

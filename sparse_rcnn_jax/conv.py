@@ -130,18 +130,21 @@ def make_conv(impl: str = "auto") -> Callable:
 
 class Conv(nn.Module):
   """A convolution with bias through `make_conv`, with flax `nn.Conv`'s parameter names
-  ("kernel" [k, k, I, O], "bias" [O]) and PyTorch's padding for odd k."""
+  ("kernel" [k, k, I, O], "bias" [O], stored float32) and PyTorch's padding for odd k, computed
+  in `dtype`."""
   features: int
   kernel_size: int
   stride: int = 1
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
   impl: str = "auto"
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, H, W, I] -> [B, H', W', features]."""
+    """x: [B, H, W, I] -> [B, H', W', features] in `dtype`."""
     kernel = self.param("kernel", self.kernel_init,
                         (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
     bias = self.param("bias", self.bias_init, (self.features,))
-    return make_conv(self.impl)(x, kernel, self.stride) + bias
+    y = make_conv(self.impl)(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+    return y + bias.astype(self.dtype)

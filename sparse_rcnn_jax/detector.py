@@ -28,7 +28,8 @@ class SparseRCNN(nn.Module):
   """The whole detector.
 
   Attributes:
-    head: the dynamic head's configuration (its hidden_dim is also the FPN width).
+    head: the dynamic head's configuration (its hidden_dim is also the FPN width, its dtype the
+      compute dtype of the whole model: precision.py).
     depth, width, norm, freeze_at: the ResNet backbone (see backbone.ResNet).
     conv_impl: how the backbone's and FPN's convolutions are differentiated (conv.make_conv).
   """
@@ -50,12 +51,13 @@ class SparseRCNN(nn.Module):
       deterministic: disables dropout.
     Returns:
       dict of "pred_logits" [S, B, N, C], "pred_boxes" [S, B, N, 4] absolute xyxy in input
-      pixels, and "proposal_boxes" [B, N, 4] (see DynamicHead).
+      pixels, and "proposal_boxes" [B, N, 4] (see DynamicHead), all float32.
     """
     x = normalize_images(images)
-    features = ResNet(self.depth, self.width, self.norm, self.freeze_at, self.conv_impl,
+    dtype = self.head.dtype
+    features = ResNet(self.depth, self.width, self.norm, self.freeze_at, self.conv_impl, dtype,
                       name="backbone")(x)
-    maps = FPN(self.head.hidden_dim, conv_impl=self.conv_impl, name="fpn")(features)
+    maps = FPN(self.head.hidden_dim, conv_impl=self.conv_impl, dtype=dtype, name="fpn")(features)
     return DynamicHead(self.head, name="head")(maps, image_whwh, deterministic)
 
 

@@ -4,9 +4,11 @@ Each stage pools RoI features for its input boxes, lets the proposals talk to ea
 (self-attention), lets each proposal read its own RoI feature (an instance interaction,
 see interactions.py), and predicts class logits and box deltas. Stages are not weight-tied;
 the boxes are stop-gradient between stages and every stage's output is kept for deep
-supervision. Intermediates are sown into the "intermediates" collection (inspect them with
-`apply(..., mutable=["intermediates"])`): boxes_in, level_assignments, roi_features,
-self_attn_out, interaction_out, obj_features, pred_logits, pred_boxes per stage.
+supervision. Layers compute in `cfg.dtype`; the prediction layers, box decoding and the boxes
+between stages are float32 (precision.py). Intermediates are sown into the "intermediates"
+collection (inspect them with `apply(..., mutable=["intermediates"])`): boxes_in,
+level_assignments, roi_features, self_attn_out, interaction_out, obj_features, pred_logits,
+pred_boxes per stage.
 """
 import math
 from typing import Sequence
@@ -17,11 +19,12 @@ import jax.numpy as jnp
 
 from sparse_rcnn_jax import box_ops
 from sparse_rcnn_jax import interactions
+from sparse_rcnn_jax import precision
 from sparse_rcnn_jax.head_config import HeadConfig
 from sparse_rcnn_jax.roi_align import multilevel_roi_align
 
 xavier = interactions.xavier
-layer_norm = interactions.layer_norm
+dense = interactions.dense
 
 
 def proposal_boxes_init(kind: str):
@@ -64,10 +67,13 @@ class Stage(nn.Module):
       proposal_features: [B, N, D].
       deterministic: disables dropout.
     Returns:
-      (logits [B, N, C], boxes [B, N, 4] absolute xyxy, object features [B, N, D]).
+      (logits [B, N, C] float32, boxes [B, N, 4] absolute xyxy float32, object features
+      [B, N, D] in the compute dtype).
     """
     cfg = self.cfg
     batch, num, dim = proposal_features.shape
+    dtype = precision.compute_dtype(cfg.dtype)
+    layer_norm = lambda name: interactions.layer_norm(name, cfg.dtype)
     dropout = lambda x: nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     with jax.named_scope("roi_align"):   # names its operations in profiles
       roi, levels = multilevel_roi_align(features, boxes, output_size=cfg.pooler_resolution,
@@ -78,11 +84,12 @@ class Stage(nn.Module):
     self.sow("intermediates", "level_assignments", levels)
     self.sow("intermediates", "roi_features", roi)
 
-    x = proposal_features
+    x = proposal_features.astype(dtype)
     if cfg.self_attention:
       attn = nn.MultiHeadDotProductAttention(
           num_heads=cfg.num_heads, qkv_features=dim, out_features=dim, kernel_init=xavier,
-          dropout_rate=cfg.dropout, deterministic=deterministic, name="self_attn")(x, x, x)
+          dropout_rate=cfg.dropout, deterministic=deterministic, dtype=dtype,
+          force_fp32_for_softmax=True, name="self_attn")(x, x, x)
       self.sow("intermediates", "self_attn_out", attn)
       x = layer_norm("norm1")(x + dropout(attn))
 
@@ -92,23 +99,25 @@ class Stage(nn.Module):
     self.sow("intermediates", "interaction_out", inter)
     x = layer_norm("norm2")(x + dropout(inter))
 
-    ffn = nn.Dense(cfg.dim_feedforward, kernel_init=xavier, name="linear1")(x)
-    ffn = nn.Dense(dim, kernel_init=xavier, name="linear2")(dropout(nn.relu(ffn)))
+    ffn = dense(cfg.dim_feedforward, cfg.dtype, name="linear1")(x)
+    ffn = dense(dim, cfg.dtype, name="linear2")(dropout(nn.relu(ffn)))
     obj = layer_norm("norm3")(x + dropout(ffn))
     self.sow("intermediates", "obj_features", obj)
 
     cls = obj
     for i in range(cfg.num_cls_layers):
-      cls = nn.Dense(dim, use_bias=False, kernel_init=xavier, name=f"cls_fc{i}")(cls)
+      cls = dense(dim, cfg.dtype, use_bias=False, name=f"cls_fc{i}")(cls)
       cls = nn.relu(layer_norm(f"cls_norm{i}")(cls))
     reg = obj
     for i in range(cfg.num_reg_layers):
-      reg = nn.Dense(dim, use_bias=False, kernel_init=xavier, name=f"reg_fc{i}")(reg)
+      reg = dense(dim, cfg.dtype, use_bias=False, name=f"reg_fc{i}")(reg)
       reg = nn.relu(layer_norm(f"reg_norm{i}")(reg))
     prior_bias = -math.log((1 - cfg.prior_prob) / cfg.prior_prob)
-    logits = nn.Dense(cfg.num_classes, kernel_init=xavier,
-                      bias_init=nn.initializers.constant(prior_bias), name="class_logits")(cls)
-    deltas = nn.Dense(4, kernel_init=xavier, name="bboxes_delta")(reg)
+    # The prediction layers in float32: cheap, and logits near the prior (-4.6) or deltas
+    # rounded to 8 bits would move the loss and the boxes.
+    logits = dense(cfg.num_classes, "float32", bias_init=nn.initializers.constant(prior_bias),
+                   name="class_logits")(cls.astype(jnp.float32))
+    deltas = dense(4, "float32", name="bboxes_delta")(reg.astype(jnp.float32))
     pred_boxes = box_ops.apply_deltas(deltas, boxes)
     self.sow("intermediates", "pred_logits", logits)
     self.sow("intermediates", "pred_boxes", pred_boxes)

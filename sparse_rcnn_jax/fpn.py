@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparse_rcnn_jax import precision
 from sparse_rcnn_jax.conv import Conv
 
 # detectron2's c2_xavier_fill: kaiming_uniform with a=1, i.e. U(+-sqrt(3 / fan_in)); bias 0.
@@ -27,22 +28,25 @@ class FPN(nn.Module):
     in_levels: backbone levels used, from fine to coarse; level l reads features[f"res{l}"]
       (stride 2**l) and gives P_l.
     conv_impl: how convolutions are differentiated (conv.make_conv).
+    dtype: the compute dtype (precision.py); parameters stay float32.
   """
   out_channels: int = 256
   in_levels: tuple[int, ...] = (2, 3, 4, 5)
   conv_impl: str = "auto"
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, features: dict[str, jax.Array]) -> list[jax.Array]:
     """features: {"res2": [B, H/4, W/4, C2], ..., "res5": [B, H/32, W/32, C5]}, NHWC.
 
     Returns:
-      [P2, P3, P4, P5], each [B, H/2**l, W/2**l, out_channels]. Each level must be exactly twice
-      the size of the next coarser one, i.e. the image height and width multiples of 32.
+      [P2, P3, P4, P5], each [B, H/2**l, W/2**l, out_channels] in `dtype`. Each level must be
+      exactly twice the size of the next coarser one, i.e. the image height and width
+      multiples of 32.
     """
     def conv(kernel_size: int, name: str) -> Conv:
       return Conv(self.out_channels, kernel_size, kernel_init=_c2_xavier_fill,
-                  impl=self.conv_impl, name=name)
+                  impl=self.conv_impl, dtype=precision.compute_dtype(self.dtype), name=name)
 
     outputs = []
     top_down = None

@@ -29,6 +29,8 @@ class HeadConfig:
   canonical_box_size: float = 224.0
   dropout: float = 0.0
   prior_prob: float = 0.01
+  # Compute dtype, "float32" or "bfloat16" (precision.py says what stays float32).
+  dtype: str = "float32"
   # Research switches (the paper's ablations).
   interaction: str = "dynamic_conv"   # a key of interactions.INTERACTIONS (Table 8, Table 4)
   self_attention: bool = True         # Table 4

@@ -6,18 +6,25 @@ Each interaction is a linen module written for ONE proposal,
 
 and the head vmaps it over all B*N proposals (parameters shared). To try a new interaction,
 write one such module and add it to `INTERACTIONS`; `config.model.interaction` selects it by
-name, with no other change.
+name, with no other change. Layers compute in `cfg.dtype` (parameters float32).
 """
 import flax.linen as nn
 
+from sparse_rcnn_jax import precision
 from sparse_rcnn_jax.head_config import HeadConfig
 
 xavier = nn.initializers.xavier_uniform()
 
 
-def layer_norm(name: str) -> nn.LayerNorm:
-  """PyTorch's LayerNorm (eps 1e-5; Flax's default is 1e-6)."""
-  return nn.LayerNorm(epsilon=1e-5, name=name)
+def layer_norm(name: str, dtype: str = "float32") -> nn.LayerNorm:
+  """PyTorch's LayerNorm (eps 1e-5; Flax's default is 1e-6); output in `dtype`, statistics in
+  float32."""
+  return nn.LayerNorm(epsilon=1e-5, dtype=precision.compute_dtype(dtype), name=name)
+
+
+def dense(features: int, dtype: str, **kwargs) -> nn.Dense:
+  """A dense layer with xavier-uniform weights, computed in `dtype`."""
+  return nn.Dense(features, kernel_init=xavier, dtype=precision.compute_dtype(dtype), **kwargs)
 
 
 class DynamicConv(nn.Module):
@@ -31,14 +38,15 @@ class DynamicConv(nn.Module):
 
   @nn.compact
   def __call__(self, proposal_feature, roi_feature):
-    d, dd = self.cfg.hidden_dim, self.cfg.dim_dynamic
-    params = nn.Dense(2 * d * dd, kernel_init=xavier, name="dynamic_layer")(proposal_feature)
+    d, dd, dtype = self.cfg.hidden_dim, self.cfg.dim_dynamic, self.cfg.dtype
+    params = dense(2 * d * dd, dtype, name="dynamic_layer")(proposal_feature)
     param1 = params[:d * dd].reshape(d, dd)
     param2 = params[d * dd:].reshape(dd, d)
-    x = nn.relu(layer_norm("norm1")(roi_feature @ param1))
-    x = nn.relu(layer_norm("norm2")(x @ param2))
-    x = nn.Dense(d, kernel_init=xavier, name="out_layer")(x.reshape(-1))
-    return nn.relu(layer_norm("norm3")(x))
+    roi_feature = roi_feature.astype(params.dtype)
+    x = nn.relu(layer_norm("norm1", dtype)(roi_feature @ param1))
+    x = nn.relu(layer_norm("norm2", dtype)(x @ param2))
+    x = dense(d, dtype, name="out_layer")(x.reshape(-1))
+    return nn.relu(layer_norm("norm3", dtype)(x))
 
 
 class RoIAttention(nn.Module):
@@ -50,7 +58,8 @@ class RoIAttention(nn.Module):
     d = self.cfg.hidden_dim
     out = nn.MultiHeadDotProductAttention(
         num_heads=self.cfg.num_heads, qkv_features=d, out_features=d, kernel_init=xavier,
-        deterministic=True, name="attention")(proposal_feature[None], roi_feature)
+        deterministic=True, dtype=precision.compute_dtype(self.cfg.dtype),
+        force_fp32_for_softmax=True, name="attention")(proposal_feature[None], roi_feature)
     return out[0]
 
 
@@ -61,9 +70,8 @@ class StaticInteraction(nn.Module):
   @nn.compact
   def __call__(self, proposal_feature, roi_feature):
     del proposal_feature
-    x = nn.Dense(self.cfg.hidden_dim, kernel_init=xavier, name="out_layer")(
-        roi_feature.reshape(-1))
-    return nn.relu(layer_norm("norm3")(x))
+    x = dense(self.cfg.hidden_dim, self.cfg.dtype, name="out_layer")(roi_feature.reshape(-1))
+    return nn.relu(layer_norm("norm3", self.cfg.dtype)(x))
 
 
 INTERACTIONS = {

@@ -24,6 +24,9 @@ y = y1' + ph * bin_h + (iy + 0.5) * bin_h / ratio (likewise x). A point with y <
 x < -1 or x > W contributes 0; otherwise coordinates are clamped at 0 and a point at or past
 the last row / column reads that row / column alone. A bin is the mean of its points. A box
 with a NaN coordinate reads nothing.
+
+Precision: boxes, sample coordinates and bilinear weights are float32 whatever the maps' dtype;
+the weighted sums accumulate in float32 and the result has the maps' dtype.
 """
 from typing import Sequence
 
@@ -127,9 +130,9 @@ def _pool_gather(maps, indices, weights):
     maps: L maps [B * H_l * W_l, C] (rows of every image, image-major).
     indices: L int32 arrays [B, N, R, R, T]: the row of each tap in that level's map, or the
       map's row count (out of range) where the box is on another level.
-    weights: [B, N, R, R, T] tap weights.
+    weights: [B, N, R, R, T] float32 tap weights.
   Returns:
-    [B, N, R, R, C]: sum over taps of weight * row.
+    [B, N, R, R, C] in the maps' dtype: sum over taps of weight * row, accumulated in float32.
   """
   out = 0.0
   for table, index in zip(maps, indices):
@@ -139,11 +142,11 @@ def _pool_gather(maps, indices, weights):
     # output, where a reduction over the taps axis ran 3-6x slower on CPU.
     on_level = index < table.shape[0]
     index = jnp.where(on_level, index, 0)
-    level_weights = jnp.where(on_level, weights, 0.0).astype(table.dtype)
+    level_weights = jnp.where(on_level, weights, 0.0)
     for tap in range(index.shape[-1]):
-      row = jnp.take(table, index[..., tap], axis=0, mode="clip")
+      row = jnp.take(table, index[..., tap], axis=0, mode="clip").astype(jnp.float32)
       out = out + row * level_weights[..., tap, None]
-  return out
+  return out.astype(maps[0].dtype)
 
 
 def _pool_gather_fwd(maps, indices, weights):
@@ -154,8 +157,10 @@ def _pool_gather_bwd(residuals, grad):
   maps, indices, weights = residuals
   grad_maps = []
   for table, index in zip(maps, indices):
-    updates = weights[..., None].astype(grad.dtype) * grad[..., None, :]
-    grad_maps.append(jnp.zeros_like(table).at[index].add(updates, mode="drop"))
+    # Summed in float32: many taps land on one row of a coarse map.
+    updates = weights[..., None] * grad[..., None, :].astype(jnp.float32)
+    total = jnp.zeros(table.shape, jnp.float32).at[index].add(updates, mode="drop")
+    grad_maps.append(total.astype(table.dtype))
   return (tuple(grad_maps), [None] * len(indices), jnp.zeros_like(weights))
 
 
@@ -194,14 +199,19 @@ def _roi_align_separable(features, levels, y_samples, x_samples, output_size, sa
     on_level = (levels == level)[..., None, None]
     ay = _interpolation_matrix(y_samples, f.shape[1], output_size, sampling_ratio)
     ax = _interpolation_matrix(x_samples, f.shape[2], output_size, sampling_ratio)
+    # The matrices are rounded to the maps' dtype, the one place a bilinear weight is not
+    # float32: bfloat16 operands are what the matrix units take; products accumulate in float32.
     ay = jnp.where(on_level, ay, 0.0).astype(f.dtype)
     ax = ax.astype(f.dtype)
+    product = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
     # The shorter map axis stays in the intermediate: [B, N, min(H, W), R, C].
     if f.shape[1] <= f.shape[2]:
-      out = out + jnp.einsum("bnpy,bnyqc->bnpqc", ay, jnp.einsum("bnqx,byxc->bnyqc", ax, f))
+      inner = product("bnqx,byxc->bnyqc", ax, f).astype(f.dtype)
+      out = out + product("bnpy,bnyqc->bnpqc", ay, inner)
     else:
-      out = out + jnp.einsum("bnqx,bnpxc->bnpqc", ax, jnp.einsum("bnpy,byxc->bnpxc", ay, f))
-  return out
+      inner = product("bnpy,byxc->bnpxc", ay, f).astype(f.dtype)
+      out = out + product("bnqx,bnpxc->bnpqc", ax, inner)
+  return out.astype(features[0].dtype)
 
 
 def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array, *,
@@ -227,7 +237,7 @@ def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array, *,
     raise ValueError(f"roi_align impl must be one of {IMPLS}, got {impl!r}.")
   if len(strides) != len(features):
     raise ValueError(f"{len(features)} feature maps but {len(strides)} strides.")
-  boxes = jax.lax.stop_gradient(boxes)
+  boxes = jax.lax.stop_gradient(boxes).astype(jnp.float32)
   levels = assign_levels(boxes, min_level=min_level, max_level=min_level + len(features) - 1,
                          canonical_box_size=canonical_box_size,
                          canonical_level=canonical_level)

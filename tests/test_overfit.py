@@ -1,6 +1,6 @@
 """Overfit check (slow): the tiny config on 8 images drives the loss down steadily.
 
-  python -m pytest -m slow tests/test_overfit.py
+  python -m pytest -m slow tests/test_overfit.py     # float32 and bfloat16
   python benchmarks/overfit.py     # the same runs, with the curve printed and saved
 """
 import pathlib
@@ -14,10 +14,11 @@ from benchmarks import overfit  # pylint: disable=g-import-not-at-top,wrong-impo
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", ["coco128", "synthetic"])
-def test_loss_falls_steadily_on_eight_images(name, data_dir):
+def test_loss_falls_steadily_on_eight_images(name, dtype, data_dir):
   del data_dir  # skips when ../shared is absent (coco128 needs it)
-  losses = overfit.overfit(name, steps=200)
+  losses = overfit.overfit(name, steps=200, dtype=dtype)
   assert len(losses) == 200 and np.isfinite(losses).all()
   means = [m for _, _, m in overfit.windows(losses, 5)]
   assert means[-1] < 0.5 * means[0], means

@@ -170,6 +170,34 @@ def test_nan_box_contributes_zero_and_keeps_others(impl):
   np.testing.assert_allclose(out[0, 1], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", FORMS)
+def test_bfloat16_maps_give_bfloat16_features_and_gradients_at_bfloat16_accuracy(impl):
+  """bfloat16 maps: the weighted sums accumulate in float32 from float32 weights, so the result
+  is the float32 result on the bfloat16-rounded maps, rounded once more (the separable form
+  also rounds its interpolation matrices and its intermediate product to bfloat16)."""
+  rng = np.random.default_rng(3)
+  feats = [jnp.asarray(f) for f in _features(rng, channels=4)]
+  rounded = [f.astype(jnp.bfloat16).astype(jnp.float32) for f in feats]
+  boxes = jnp.asarray(_boxes(rng))
+  cotangent = jnp.asarray(rng.standard_normal((2, boxes.shape[1], 7, 7, 4)), jnp.float32)
+
+  def pooled_and_grads(maps):
+    pool = lambda fs: roi_align.multilevel_roi_align(fs, boxes, impl=impl)[0]
+    out, vjp = jax.vjp(pool, maps)
+    return out, vjp(cotangent.astype(out.dtype))[0]
+
+  out, grads = jax.jit(pooled_and_grads)([f.astype(jnp.bfloat16) for f in feats])
+  expected, expected_grads = jax.jit(pooled_and_grads)(rounded)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  rtol = 2**-8 if impl == "gather" else 2**-6
+  scale = float(jnp.abs(expected).max())
+  np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=rtol,
+                             atol=rtol * scale)
+  for g, e in zip(grads, expected_grads):
+    np.testing.assert_allclose(np.asarray(g, np.float32), e, rtol=rtol,
+                               atol=rtol * float(jnp.abs(e).max()))
+
+
 def _sizes(hlo: str) -> set[int]:
   """Element counts of every float32 array in an HLO text."""
   return {int(np.prod([int(d) for d in shape.split(",") if d]))
