@@ -26,9 +26,9 @@ MODELS = {
 }
 
 
-def bench(name: str, batch: int, repeats: int) -> dict:
-  module, (height, width) = MODELS[name]
-  config = module.get_config()
+def bench_config(config, height: int, width: int, batch: int, repeats: int) -> dict:
+  """Compile time, time per image and peak memory of the jitted inference of `config.model`
+  (random weights) on [batch, height, width, 3] images, post-processing included."""
   model = detector.build_model(config.model)
   images = jnp.zeros((batch, height, width, 3), jnp.uint8)
   whwh = jnp.tile(jnp.array([[width, height, width, height]], jnp.float32), (batch, 1))
@@ -43,9 +43,14 @@ def bench(name: str, batch: int, repeats: int) -> dict:
   compile_s, step_s, _ = common.time_compiled(infer, variables, images, whwh, orig,
                                               repeats=repeats)
   params = sum(x.size for x in jax.tree.leaves(variables["params"]))
-  return {"model": name, "image": f"{height}x{width}", "batch": batch,
+  return {"image": f"{height}x{width}", "batch": batch, "dtype": config.model.dtype,
           "params_M": params / 1e6, "compile_s": compile_s, "ms_per_image": 1e3 * step_s / batch,
           "images_per_s": batch / step_s, **common.peak_memory_mb()}
+
+
+def bench(name: str, batch: int, repeats: int) -> dict:
+  module, (height, width) = MODELS[name]
+  return {"model": name, **bench_config(module.get_config(), height, width, batch, repeats)}
 
 
 def main():

@@ -52,14 +52,10 @@ def random_batch(config, batch: int, height: int, width: int, num_classes: int,
   }
 
 
-def bench(name: str, batch: int | None, repeats: int) -> dict:
-  module, num_classes = MODELS[name]
-  config = module.get_config()
-  if num_classes is not None:
-    config.model.num_classes = num_classes
-  batch = batch or config.data.batch_size
+def prepare(config, batch: int, height: int, width: int):
+  """The trainer's jitted step for `config` (random weights), its state and a random batch of
+  [batch, height, width] on the mesh of every device, as train.py runs."""
   config.data.batch_size = batch
-  height, width = max(pipeline.batch_shapes(config.data, "train"), key=lambda s: s[0] * s[1])
   mesh = sharding.make_mesh()
   model = detector.build_model(config.model)
   variables = trainer.init_variables(model, config, jax.random.PRNGKey(config.seed),
@@ -72,7 +68,11 @@ def bench(name: str, batch: int | None, repeats: int) -> dict:
   step = trainer.make_train_step(model, config, mesh, state)
   data = jax.device_put(random_batch(config, batch, height, width, config.model.num_classes),
                         sharding.batch_sharded(mesh))
+  return step, state, data
 
+
+def time_steps(step, state, data, repeats: int) -> dict:
+  """Compile seconds, median seconds per step and the last loss of `step` from `prepare`."""
   start = time.perf_counter()
   compiled = step.lower(state, data).compile()
   compile_s = time.perf_counter() - start
@@ -84,13 +84,26 @@ def bench(name: str, batch: int | None, repeats: int) -> dict:
     state, metrics = compiled(state, data)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
-  step_s = float(np.median(times))
-  params = sum(x.size for x in jax.tree.leaves(variables["params"]))
+  return {"compile_s": compile_s, "step_s": float(np.median(times)),
+          "loss": float(metrics["loss"])}
+
+
+def bench(name: str, batch: int | None, repeats: int) -> dict:
+  module, num_classes = MODELS[name]
+  config = module.get_config()
+  if num_classes is not None:
+    config.model.num_classes = num_classes
+  batch = batch or config.data.batch_size
+  config.data.batch_size = batch
+  height, width = max(pipeline.batch_shapes(config.data, "train"), key=lambda s: s[0] * s[1])
+  step, state, data = prepare(config, batch, height, width)
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  timed = time_steps(step, state, data, repeats)
   return {"model": name, "image": f"{height}x{width}", "batch": batch,
           "stages": config.model.num_stages, "proposals": config.model.num_proposals,
-          "params_M": params / 1e6, "compile_s": compile_s, "step_ms": 1e3 * step_s,
-          "images_per_s": batch / step_s, "loss": float(metrics["loss"]),
-          **common.peak_memory_mb()}
+          "params_M": params / 1e6, "compile_s": timed["compile_s"],
+          "step_ms": 1e3 * timed["step_s"], "images_per_s": batch / timed["step_s"],
+          "loss": timed["loss"], **common.peak_memory_mb()}
 
 
 def main():

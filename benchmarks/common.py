@@ -45,17 +45,22 @@ def time_compiled(fn, *args, repeats: int = 5, warmup: int = 1) -> tuple[float, 
   return compile_s, (time.perf_counter() - start) / repeats, compiled
 
 
-def report(name: str, rows: list[dict], columns: list[str]) -> pathlib.Path:
-  """Prints rows as a table and writes {machine, rows} to benchmarks/results/NAME_PLATFORM.json."""
+def report(name: str, rows: list[dict], columns: list[str], *, details: list[dict] | None = None,
+           out: pathlib.Path | None = None) -> pathlib.Path:
+  """Prints rows as a table and writes {machine, rows[, details]} to `out`, by default
+  benchmarks/results/NAME_PLATFORM.json."""
   widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
   print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
   print("-+-".join("-" * w for w in widths))
   for r in rows:
     print(" | ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
   info = machine()
-  RESULTS_DIR.mkdir(exist_ok=True)
-  path = RESULTS_DIR / f"{name}_{info['platform']}.json"
-  path.write_text(json.dumps({"benchmark": name, "machine": info, "rows": rows}, indent=1))
+  path = out or RESULTS_DIR / f"{name}_{info['platform']}.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  record = {"benchmark": name, "machine": info, "rows": rows}
+  if details is not None:
+    record["details"] = details
+  path.write_text(json.dumps(record, indent=1))
   print(f"\nwrote {path}")
   return path
 

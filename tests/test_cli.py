@@ -113,3 +113,17 @@ def test_bad_arguments_are_explained(trained, tmp_path):
   proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), *flags], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=TIMEOUT, check=False)
   assert proc.returncode != 0 and "exactly one of --workdir or --checkpoint" in proc.stderr
+
+
+def test_bfloat16_with_the_device_matcher_trains_and_evaluates(trained, tmp_path):
+  """The pod settings from the README's command line: same job, bfloat16 and no host matching."""
+  base, flags, _ = trained
+  work = tmp_path / "work"
+  proc = _run("train.py", *flags, "--workdir", str(work), "--config.model.dtype=bfloat16",
+              "--config.loss.matcher=device")
+  assert "COCO evaluation at step 3 (6 images)" in proc.stdout
+  records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert len(losses) == 3 and np.isfinite(losses).all()
+  saved = json.loads((work / "config.json").read_text())
+  assert saved["model"]["dtype"] == "bfloat16" and saved["loss"]["matcher"] == "device"
