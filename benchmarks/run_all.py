@@ -151,18 +151,24 @@ def main():
     print(json.dumps(run_row(row, repeats)))
     return
   platform = jax.default_backend()
+  out = args.out or common.RESULTS_DIR / f"run_all_{platform}.json"
+  out.parent.mkdir(parents=True, exist_ok=True)
   rows = []
   todo = plan(args.quick, args.dtypes, args.matchers)
   for i, row in enumerate(todo):
     print(f"[{i + 1}/{len(todo)}] {row}", flush=True)
     rows.append({**row, **_in_subprocess(row, repeats)})
+    # Every finished row is on disk at once: a run stopped midway keeps what it measured.
+    partial = out.with_name(out.stem + ".partial.json")
+    partial.write_text(json.dumps({"machine": common.machine(), "details": rows}, indent=1))
   table = summarize(rows, platform)
   columns = ["part", "model", "dtype", "matcher", "hw", "batch", "compile_s", "images_per_s",
              "peak_mb", "matching_share", "target", "error"]
   for line in table:
     if isinstance(line.get("hw"), (tuple, list)):
       line["hw"] = "x".join(map(str, line["hw"]))
-  common.report("run_all", table, columns, details=rows, out=args.out)
+  common.report("run_all", table, columns, details=rows, out=out)
+  partial.unlink()
 
 
 if __name__ == "__main__":
