@@ -3,7 +3,8 @@
   python benchmarks/bench_inference.py                  # R-50 100/300 proposals at 800x1216, tiny
   python benchmarks/bench_inference.py --models tiny    # just the tiny config
 
-Random weights (speed does not depend on them); batch 1 at the test resolution of SPEC.md.
+Random weights (speed does not depend on them); batch 1 at the test resolution (short side
+800, long side at most 1333).
 """
 import argparse
 import sys

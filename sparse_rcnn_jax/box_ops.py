@@ -20,12 +20,6 @@ def cxcywh_to_xyxy(boxes):
   return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
 
 
-def xyxy_to_cxcywh(boxes):
-  """[..., 4] (x1, y1, x2, y2) -> [..., 4] (cx, cy, w, h)."""
-  x1, y1, x2, y2 = jnp.moveaxis(boxes, -1, 0)
-  return jnp.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], axis=-1)
-
-
 def area(boxes):
   """[..., 4] xyxy -> [...] area; inverted or empty boxes have area 0."""
   return (jnp.maximum(boxes[..., 2] - boxes[..., 0], 0.0) *

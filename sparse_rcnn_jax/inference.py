@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 def make_predict_fn(model, mesh, num_detections: int | None = None) -> Callable:
   """jit(variables, batch) -> detections (postprocess.postprocess) of the last stage.
 
-  Also returns "stage_boxes" [B, S + 1, N, 4]: the proposal boxes then each stage's boxes,
-  in original-image pixels, for pictures like the paper's Figure 4.
+  The batch holds "image", "image_whwh" and "orig_size" as in data/batching.py. Also returns
+  "stage_boxes" [B, S + 1, N, 4]: the proposal boxes then each stage's boxes, in original-image
+  pixels (not clipped), and "stage_scores" [B, S, N]: each stage's highest class probability
+  per proposal, for pictures like the paper's Figure 4.
   """
   def predict(variables, batch):
     out = model.apply(variables, batch["image"], batch["image_whwh"])

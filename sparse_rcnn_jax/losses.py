@@ -1,4 +1,4 @@
-"""The set-prediction loss of Sparse R-CNN (SPEC.md section 5), deeply supervised.
+"""The set-prediction loss of Sparse R-CNN (docs/model.md, section 5), deeply supervised.
 
 Each stage's predictions are matched to the ground truth on their own (matcher.py); the loss
 of a stage is a sigmoid focal loss over all B*N*C logits plus L1 and GIoU losses on the

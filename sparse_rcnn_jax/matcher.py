@@ -1,4 +1,4 @@
-"""Hungarian matching of predictions to ground truth (SPEC.md section 5).
+"""Hungarian matching of predictions to ground truth (docs/model.md, section 5).
 
 The costs are computed on the device for every stage and image at once. A matcher is any
 function with the signature of `hungarian_match`

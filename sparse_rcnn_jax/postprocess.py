@@ -1,8 +1,13 @@
-"""Inference postprocessing (SPEC.md section 6): top-k over all proposal-class scores.
+"""Inference postprocessing (docs/model.md, section 6): top-k over all proposal-class scores.
 
+Per image, as the official inference: the sigmoid scores [N, C] of the last stage are flattened
+to N * C entries (entry p * C + c is proposal p, class c) and the k highest are kept, in
+descending order, equal scores in increasing entry order; label = entry mod C, proposal =
+entry div C, box = that proposal's box. Boxes are scaled from the resized image (whwh) to the
+original one, x by orig_w / w and y by orig_h / h, then clipped to [0, orig_w] x [0, orig_h].
 No NMS and no score threshold: every one of the k detections goes to evaluation. Shapes stay
-static for jit; detections that the official code drops (empty after clipping) are kept in
-place with `valid = False`.
+static for jit; detections that the official code drops (zero width or height after clipping)
+are kept in place with `valid = False`.
 """
 import jax
 import jax.numpy as jnp

@@ -38,7 +38,7 @@ def test_tiny_detector_forward():
 
 
 def expected_official_names(depth: int, cfg: HeadConfig) -> set[str]:
-  """The official checkpoint's tensor names, written out from SPEC.md section 9."""
+  """The official checkpoint's tensor names, written out from docs/model.md, section 8."""
   norm = ("weight", "bias", "running_mean", "running_var")
   names = {"backbone.bottom_up.stem.conv1.weight"}
   names |= {f"backbone.bottom_up.stem.conv1.norm.{n}" for n in norm}

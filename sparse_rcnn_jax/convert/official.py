@@ -1,18 +1,28 @@
-"""Official Sparse R-CNN checkpoints <-> our parameters (names in SPEC.md section 9).
+"""Official Sparse R-CNN checkpoints <-> our parameters.
 
-The official state dict uses PyTorch layouts (Linear weight [out, in], Conv [O, I, kH, kW]) and
-names like `head.head_series.{i}.inst_interact.dynamic_layer.weight`. Our variables are
-`{"params": {"backbone", "fpn", "head"}, "batch_stats": {"backbone"}}`. Every conversion is a
-pure reshaping/transposition, so a round trip is exact.
+The official state dict uses PyTorch layouts (Linear weight [out, in], Conv [O, I, kH, kW]).
+Official name -> our path in `params` (docs/model.md, section 8, lists a whole checkpoint):
+  backbone.bottom_up.*                      -> backbone/...  (convert/backbone.py)
+  backbone.fpn_{lateral,output}{l}.*        -> fpn/fpn_{lateral,output}{l}  (convert/backbone.py)
+  init_proposal_boxes.weight [N, 4]         -> head/proposal_boxes (normalized cxcywh)
+  init_proposal_features.weight [N, D]      -> head/proposal_features
+and, per stage i, `head.head_series.{i}.X` -> head/stage{i}/Y with X -> Y:
+  self_attn.in_proj_{weight,bias} [3D, D], [3D] (q, k, v stacked) -> self_attn/{query,key,value}
+  self_attn.out_proj.*                      -> self_attn/out
+  inst_interact.dynamic_layer [2 * D * dim_dynamic, D], inst_interact.out_layer
+    [D, R * R * D], inst_interact.norm{1,2,3}                -> the same names
+  linear1, linear2, norm1, norm2, norm3, class_logits, bboxes_delta -> the same names
+  cls_module.{3k}.weight, cls_module.{3k+1}.* -> cls_fc{k} (Linear, no bias), cls_norm{k}
+  reg_module.{3k}.weight, reg_module.{3k+1}.* -> reg_fc{k} (Linear, no bias), reg_norm{k}
+A Linear's `weight` is our `kernel` transposed; a LayerNorm's `weight` is our `scale`. Our
+variables are `{"params": {"backbone", "fpn", "head"}, "batch_stats": {"backbone"}}`. Every
+conversion is a pure reshaping/transposition, so a round trip is exact.
 """
 import numpy as np
 from flax import traverse_util
 
 from sparse_rcnn_jax.convert import backbone as backbone_convert
 from sparse_rcnn_jax.head_config import HeadConfig
-
-_PROPOSALS = (("init_proposal_boxes.weight", ("proposal_boxes",)),
-              ("init_proposal_features.weight", ("proposal_features",)))
 
 
 def _stage_linear_names(cfg: HeadConfig) -> list[tuple[str, tuple[str, ...], bool]]:

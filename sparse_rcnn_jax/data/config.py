@@ -33,7 +33,7 @@ import ml_collections
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The official recipe's data settings (SPEC.md section 1); paths are left for the user."""
+  """The official recipe's data settings (docs/model.md, section 1); paths are left empty."""
   return ml_collections.ConfigDict({
       "source": "coco",
       "train_ann": "",

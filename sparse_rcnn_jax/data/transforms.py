@@ -1,6 +1,6 @@
 """Training augmentation and test resizing: pure NumPy/PIL, boxes moved with the pixels.
 
-The official recipe, with detectron2's semantics (SPEC.md section 1):
+The official recipe, with detectron2's semantics (docs/model.md, section 1):
 - train: horizontal flip with probability `flip_prob`; then, with probability `crop_prob`
   (the 300-proposal recipe; 0 otherwise), resize the short side to one of `crop_scales` (no
   long-side limit) and crop a random absolute size, each side drawn from
