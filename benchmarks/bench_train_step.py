@@ -61,8 +61,7 @@ def prepare(config, batch: int, height: int, width: int):
   variables = trainer.init_variables(model, config, jax.random.PRNGKey(config.seed),
                                      (height, width))
   tx = optim.make_optimizer(config.optimizer, variables["params"], batch_size=batch,
-                            num_steps=config.train.num_steps,
-                            freeze_at=config.model.backbone.freeze_at)
+                            num_steps=config.train.num_steps, is_frozen=model.is_frozen)
   state = jax.device_put(trainer.create_state(model, config, tx, variables, config.seed),
                          sharding.replicated(mesh))
   step = trainer.make_train_step(model, config, mesh, state)

@@ -38,14 +38,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from configs import r50_100pro_3x
 from sparse_rcnn_jax import box_ops, detector, losses, xla_cpu
-from sparse_rcnn_jax.backbone import ResNet
 from sparse_rcnn_jax.dynamic_head import DynamicHead
 from sparse_rcnn_jax.fpn import FPN
 from sparse_rcnn_jax.roi_align import multilevel_roi_align
 
 HARNESS = common.SHARED / "official_timing"
 IMAGE_HW = (800, 1216)
-STRIDES = (4, 8, 16, 32)
 # The harness's ground truth (xyxy, input pixels) and labels.
 GT_BOXES = [[100.0, 120.0, 400.0, 500.0], [600.5, 200.25, 1100.0, 760.0],
             [20.0, 20.0, 90.0, 70.0], [500.0, 400.0, 660.0, 520.0],
@@ -76,8 +74,9 @@ class Ours:
     cfg = self.model.head
     h, w = IMAGE_HW
     rng = np.random.default_rng(1234)
-    self.maps = [jnp.asarray(rng.standard_normal((1, h // s, w // s, cfg.hidden_dim)),
-                             jnp.float32) for s in STRIDES]
+    self.levels = self.model.backbone.levels
+    self.maps = [jnp.asarray(rng.standard_normal((1, h >> l, w >> l, cfg.hidden_dim)),
+                             jnp.float32) for l in self.levels]
     self.image = jnp.asarray(rng.integers(0, 256, (1, h, w, 3)), jnp.uint8)
     self.whwh = jnp.array([[w, h, w, h]], jnp.float32)
     m = len(GT_BOXES)
@@ -89,11 +88,10 @@ class Ours:
     self.variables = {"params": params, "batch_stats": variables["batch_stats"]}
     # The model's own parts, for the rows that run one of them alone.
     model = self.model
-    self.head = DynamicHead(cfg)
+    self.head = DynamicHead(cfg, self.levels)
     self.boxes = box_ops.cxcywh_to_xyxy(params["head"]["proposal_boxes"])[None] * self.whwh
-    self.backbone = ResNet(model.depth, model.width, model.norm, model.freeze_at,
-                           model.conv_impl)
-    self.fpn = FPN(cfg.hidden_dim, conv_impl=model.conv_impl)
+    self.backbone = model.backbone
+    self.fpn = FPN(cfg.hidden_dim, self.levels, conv_impl=model.conv_impl)
     self.options = xla_cpu.compiler_options(ynnpack)
     self.fns = self._compile(rows)
 
@@ -109,7 +107,7 @@ class Ours:
       return self.head.apply({"params": p}, maps, self.whwh)
 
     def pooler_fwd(maps, boxes):
-      return multilevel_roi_align(maps, boxes)[0]
+      return multilevel_roi_align(maps, boxes, levels=self.levels)[0]
 
     def backbone_fwd(v, image):
       features = self.backbone.apply({"params": v["params"]["backbone"],

@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Pictures only (the main job's, predict.py's): detections scoring below it are not drawn.
   config.display_threshold = 0.3
 
-  # Model (SPEC.md sections 2-4).
+  # Model (docs/model.md, sections 2-4).
   config.model = model = ml_collections.ConfigDict()
   model.num_classes = 80
   model.num_proposals = 100
@@ -46,8 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.self_attention = True
   model.feature_reuse = True
   model.proposal_init = "image"
+  # The backbone, by name (sparse_rcnn_jax/backbones/); the other fields are its own.
   model.backbone = ml_collections.ConfigDict(
-      dict(depth=50, width=64, norm="frozen_bn", freeze_at=2))
+      dict(name="resnet", depth=50, width=64, norm="frozen_bn", freeze_at=2))
   # Gradients of the backbone's and FPN's convolutions: "matmul_grad" (as matrix products,
   # several times faster on a CPU), "xla" (XLA's own, for GPU/TPU), "auto" (by platform).
   model.conv_impl = "auto"
@@ -59,17 +60,17 @@ def get_config() -> ml_collections.ConfigDict:
   model.torchvision_weights = ""
   model.official_checkpoint = ""
 
-  # Data (SPEC.md section 1; fields documented in sparse_rcnn_jax/data/config.py).
+  # Data (docs/model.md, section 1; fields documented in sparse_rcnn_jax/data/config.py).
   config.data = data_config.default_config()
 
-  # Loss and matching (SPEC.md section 5). matcher: "scipy" (exact, on the host through one
+  # Loss and matching (docs/model.md, section 5). matcher: "scipy" (exact, on the host through one
   # callback per device; the default) or "device" (on the accelerator, no host round trip: for
   # GPU/TPU pods; sparse_rcnn_jax/matcher.py says when to choose which).
   config.loss = ml_collections.ConfigDict(dict(
       class_weight=2.0, l1_weight=5.0, giou_weight=2.0, focal_alpha=0.25, focal_gamma=2.0,
       matcher="scipy"))
 
-  # Optimizer and schedule (SPEC.md section 7); the lr scales with data.batch_size.
+  # Optimizer and schedule (docs/model.md, section 7); the lr scales with data.batch_size.
   config.optimizer = ml_collections.ConfigDict(dict(
       base_learning_rate=2.5e-5, base_batch_size=16, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=1e-4, clip_norm=1.0, warmup_steps=1000, warmup_factor=0.01,

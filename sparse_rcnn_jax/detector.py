@@ -1,18 +1,20 @@
-"""Sparse R-CNN: ResNet -> FPN -> dynamic head, from uint8 RGB images to per-stage predictions.
+"""Sparse R-CNN: backbone -> FPN -> dynamic head, from uint8 RGB images to per-stage predictions.
 
-Variables: {"params": {"backbone", "fpn", "head"}, "batch_stats": {"backbone"}} (the frozen
-batch-norm statistics live in "batch_stats" and are never updated).
+The backbone (chosen by name, backbones/) declares its pyramid levels; the FPN and the head's
+RoIAlign work on exactly those. Variables: {"params": {"backbone", "fpn", "head"},
+"batch_stats": {"backbone"}} (the ResNet's frozen batch-norm statistics live in "batch_stats"
+and are never updated).
 """
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from sparse_rcnn_jax.backbone import ResNet
+from sparse_rcnn_jax import backbones
 from sparse_rcnn_jax.dynamic_head import DynamicHead
 from sparse_rcnn_jax.fpn import FPN
 from sparse_rcnn_jax.head_config import HeadConfig
 
-# ImageNet statistics of RGB pixels in 0..255 (SPEC.md section 1).
+# ImageNet statistics of RGB pixels in 0..255: the official config's PIXEL_MEAN, PIXEL_STD.
 PIXEL_MEAN = (123.675, 116.280, 103.530)
 PIXEL_STD = (58.395, 57.120, 57.375)
 
@@ -30,15 +32,18 @@ class SparseRCNN(nn.Module):
   Attributes:
     head: the dynamic head's configuration (its hidden_dim is also the FPN width, its dtype the
       compute dtype of the whole model: precision.py).
-    depth, width, norm, freeze_at: the ResNet backbone (see backbone.ResNet).
-    conv_impl: how the backbone's and FPN's convolutions are differentiated (conv.make_conv).
+    backbone: a backbone module (backbones/), built in the same compute dtype; its `levels` are
+      the pyramid's.
+    conv_impl: how the FPN's convolutions are differentiated (conv.make_conv).
   """
   head: HeadConfig
-  depth: int = 50
-  width: int = 64
-  norm: str = "frozen_bn"
-  freeze_at: int = 2
+  backbone: backbones.Backbone
   conv_impl: str = "auto"
+
+  def is_frozen(self, path: tuple[str, ...]) -> bool:
+    """Whether the parameter at `path` in the "params" collection is frozen (the optimizer's
+    mask): only the backbone freezes parameters, as its config says."""
+    return path[0] == "backbone" and self.backbone.is_frozen(path[1:])
 
   @nn.compact
   def __call__(self, images, image_whwh, deterministic: bool = True):
@@ -46,7 +51,7 @@ class SparseRCNN(nn.Module):
 
     Args:
       images: [B, H, W, 3] RGB, uint8 or float in 0..255, zero-padded bottom/right to
-        multiples of 32.
+        multiples of 2**(the backbone's coarsest level): 32 for the ResNet.
       image_whwh: [B, 4] (w, h, w, h) of each unpadded image.
       deterministic: disables dropout.
     Returns:
@@ -55,15 +60,15 @@ class SparseRCNN(nn.Module):
     """
     x = normalize_images(images)
     dtype = self.head.dtype
-    features = ResNet(self.depth, self.width, self.norm, self.freeze_at, self.conv_impl, dtype,
-                      name="backbone")(x)
-    maps = FPN(self.head.hidden_dim, conv_impl=self.conv_impl, dtype=dtype, name="fpn")(features)
-    return DynamicHead(self.head, name="head")(maps, image_whwh, deterministic)
+    levels = self.backbone.levels
+    features = self.backbone(x)
+    maps = FPN(self.head.hidden_dim, levels, conv_impl=self.conv_impl, dtype=dtype,
+               name="fpn")(features)
+    return DynamicHead(self.head, levels, name="head")(maps, image_whwh, deterministic)
 
 
 def build_model(model: ml_collections.ConfigDict) -> SparseRCNN:
   """The detector described by `config.model` (see configs/)."""
-  backbone = model.backbone
-  return SparseRCNN(head=HeadConfig.from_config(model), depth=backbone.depth,
-                    width=backbone.width, norm=backbone.norm, freeze_at=backbone.freeze_at,
-                    conv_impl=model.conv_impl)
+  head = HeadConfig.from_config(model)
+  backbone = backbones.build_backbone(model.backbone, dtype=head.dtype, conv_impl=model.conv_impl)
+  return SparseRCNN(head=head, backbone=backbone, conv_impl=model.conv_impl)

@@ -1,4 +1,4 @@
-"""The iterative dynamic head: learnable proposals refined by S stages (SPEC.md sections 3-4).
+"""The iterative dynamic head: learnable proposals refined by S stages (docs/model.md, 3-4).
 
 Each stage pools RoI features for its input boxes, lets the proposals talk to each other
 (self-attention), lets each proposal read its own RoI feature (an instance interaction,
@@ -53,8 +53,14 @@ def proposal_boxes_init(kind: str):
 
 
 class Stage(nn.Module):
-  """One head stage (official `RCNNHead`)."""
+  """One head stage (official `RCNNHead`).
+
+  Attributes:
+    cfg: the head's configuration.
+    levels: the pyramid level of each FPN map (see DynamicHead).
+  """
   cfg: HeadConfig
+  levels: tuple[int, ...] = (2, 3, 4, 5)
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array], boxes, proposal_features,
@@ -62,7 +68,7 @@ class Stage(nn.Module):
     """Refines boxes once.
 
     Args:
-      features: FPN maps P2..P5, each [B, H_l, W_l, D].
+      features: FPN maps P_l for l in `levels`, each [B, H_l, W_l, D].
       boxes: [B, N, 4] absolute xyxy input boxes.
       proposal_features: [B, N, D].
       deterministic: disables dropout.
@@ -76,7 +82,8 @@ class Stage(nn.Module):
     layer_norm = lambda name: interactions.layer_norm(name, cfg.dtype)
     dropout = lambda x: nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     with jax.named_scope("roi_align"):   # names its operations in profiles
-      roi, levels = multilevel_roi_align(features, boxes, output_size=cfg.pooler_resolution,
+      roi, levels = multilevel_roi_align(features, boxes, levels=self.levels,
+                                         output_size=cfg.pooler_resolution,
                                          sampling_ratio=cfg.sampling_ratio,
                                          canonical_box_size=cfg.canonical_box_size,
                                          impl=cfg.roi_align_impl)
@@ -125,15 +132,23 @@ class Stage(nn.Module):
 
 
 class DynamicHead(nn.Module):
-  """Learnable proposals and S refinement stages (official `DynamicHead` plus the proposals)."""
+  """Learnable proposals and S refinement stages (official `DynamicHead` plus the proposals).
+
+  Attributes:
+    cfg: the head's configuration.
+    levels: the pyramid level of each FPN map, consecutive, fine to coarse (level l has stride
+      2**l), for RoIAlign. The detector passes its backbone's levels; the default, P2..P5, is
+      for direct callers.
+  """
   cfg: HeadConfig
+  levels: tuple[int, ...] = (2, 3, 4, 5)
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array], image_whwh, deterministic: bool = True):
     """Detects objects on FPN maps.
 
     Args:
-      features: FPN maps P2..P5, each [B, H_l, W_l, D] (NHWC), strides 4..32.
+      features: FPN maps P_l for l in `levels`, each [B, H_l, W_l, D] (NHWC), stride 2**l.
       image_whwh: [B, 4] (w, h, w, h) of each unpadded image, in input pixels.
       deterministic: disables dropout.
     Returns:
@@ -153,8 +168,8 @@ class DynamicHead(nn.Module):
     boxes, feats = proposal_boxes, init_features
     all_logits, all_boxes = [], []
     for i in range(cfg.num_stages):
-      logits, pred_boxes, obj = Stage(cfg, name=f"stage{i}")(features, boxes, feats,
-                                                             deterministic)
+      logits, pred_boxes, obj = Stage(cfg, self.levels, name=f"stage{i}")(features, boxes,
+                                                                          feats, deterministic)
       all_logits.append(logits)
       all_boxes.append(pred_boxes)
       feats = obj if cfg.feature_reuse else init_features

@@ -21,12 +21,13 @@ def _upsample_nearest_2x(x: jax.Array) -> jax.Array:
 
 
 class FPN(nn.Module):
-  """Top-down pyramid over ResNet features.
+  """Top-down pyramid over a backbone's features.
 
   Attributes:
     out_channels: channels of every pyramid level (256 in the paper).
-    in_levels: backbone levels used, from fine to coarse; level l reads features[f"res{l}"]
-      (stride 2**l) and gives P_l.
+    in_levels: backbone levels used, consecutive, from fine to coarse; level l reads
+      features[l] (stride 2**l) and gives P_l. The detector passes its backbone's `levels`;
+      the default is the ResNet's, for direct callers.
     conv_impl: how convolutions are differentiated (conv.make_conv).
     dtype: the compute dtype (precision.py); parameters stay float32.
   """
@@ -36,14 +37,18 @@ class FPN(nn.Module):
   dtype: str = "float32"
 
   @nn.compact
-  def __call__(self, features: dict[str, jax.Array]) -> list[jax.Array]:
-    """features: {"res2": [B, H/4, W/4, C2], ..., "res5": [B, H/32, W/32, C5]}, NHWC.
+  def __call__(self, features: dict[int, jax.Array]) -> list[jax.Array]:
+    """features: {level l: [B, H/2**l, W/2**l, C_l]} for every l in `in_levels`, NHWC.
 
     Returns:
-      [P2, P3, P4, P5], each [B, H/2**l, W/2**l, out_channels] in `dtype`. Each level must be
-      exactly twice the size of the next coarser one, i.e. the image height and width
-      multiples of 32.
+      [P_l for l in in_levels] (P2..P5 by default), each [B, H/2**l, W/2**l, out_channels] in
+      `dtype`. Each level must be exactly twice the size of the next coarser one, i.e. the image
+      height and width multiples of 2**in_levels[-1].
     """
+    missing = [level for level in self.in_levels if level not in features]
+    if missing:
+      raise ValueError(f"FPN over levels {self.in_levels}, but the backbone returned levels "
+                       f"{sorted(features)}.")
     def conv(kernel_size: int, name: str) -> Conv:
       return Conv(self.out_channels, kernel_size, kernel_init=_c2_xavier_fill,
                   impl=self.conv_impl, dtype=precision.compute_dtype(self.dtype), name=name)
@@ -51,13 +56,14 @@ class FPN(nn.Module):
     outputs = []
     top_down = None
     for level in reversed(self.in_levels):
-      lateral = conv(1, f"fpn_lateral{level}")(features[f"res{level}"])
+      lateral = conv(1, f"fpn_lateral{level}")(features[level])
       if top_down is not None:
         upsampled = _upsample_nearest_2x(top_down)
         if upsampled.shape != lateral.shape:
           raise ValueError(
-              f"FPN: res{level} has spatial size {lateral.shape[1:3]}, but twice the coarser "
-              f"level is {upsampled.shape[1:3]}; pad images to multiples of 32.")
+              f"FPN: level {level} has spatial size {lateral.shape[1:3]}, but twice the coarser "
+              f"level is {upsampled.shape[1:3]}; pad images to multiples of "
+              f"{2**self.in_levels[-1]}.")
         lateral = lateral + upsampled
       top_down = lateral
       outputs.append(conv(3, f"fpn_output{level}")(lateral))

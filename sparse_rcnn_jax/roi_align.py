@@ -215,36 +215,39 @@ def _roi_align_separable(features, levels, y_samples, x_samples, output_size, sa
 
 
 def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array, *,
-                         strides: Sequence[int] = (4, 8, 16, 32), output_size: int = 7,
-                         sampling_ratio: int = 2, min_level: int = 2,
-                         canonical_box_size: float = 224.0, canonical_level: int = 4,
-                         impl: str = "gather"):
+                         levels: Sequence[int] = (2, 3, 4, 5), output_size: int = 7,
+                         sampling_ratio: int = 2, canonical_box_size: float = 224.0,
+                         canonical_level: int = 4, impl: str = "gather"):
   """RoIAlign of every box on its assigned FPN level.
 
   Args:
-    features: L maps `[B, H_l, W_l, C]` (NHWC), finest first, with strides `strides`.
+    features: L maps `[B, H_l, W_l, C]` (NHWC), finest first, one per entry of `levels`.
     boxes: [B, N, 4] absolute xyxy in input pixels. No gradient flows into them.
-    strides: stride of each map; level l has scale 1 / strides[l].
+    levels: the pyramid level of each map, consecutive, fine to coarse; level l has stride
+      2**l. The model passes its backbone's levels; the default, P2..P5, is for direct callers.
     output_size: pooled size R (7).
     sampling_ratio: samples per bin along each axis (2).
-    min_level: FPN level of `features[0]` (2 for P2).
     impl: "gather", "separable" (see the module docstring; the same function) or "auto":
       separable on TPU, gather elsewhere.
   Returns:
-    (roi_features [B, N, R, R, C], levels [B, N] int32 index into `features`).
+    (roi_features [B, N, R, R, C], assigned [B, N] int32: each box's map, an index into
+    `features`).
   """
   if impl not in IMPLS:
     raise ValueError(f"roi_align impl must be one of {IMPLS}, got {impl!r}.")
-  if len(strides) != len(features):
-    raise ValueError(f"{len(features)} feature maps but {len(strides)} strides.")
+  if len(levels) != len(features):
+    raise ValueError(f"{len(features)} feature maps but {len(levels)} levels {tuple(levels)}.")
+  if tuple(levels) != tuple(range(levels[0], levels[0] + len(levels))):
+    raise ValueError(f"RoIAlign levels must be consecutive, fine to coarse; got {tuple(levels)}.")
   boxes = jax.lax.stop_gradient(boxes).astype(jnp.float32)
-  levels = assign_levels(boxes, min_level=min_level, max_level=min_level + len(features) - 1,
-                         canonical_box_size=canonical_box_size,
-                         canonical_level=canonical_level)
+  assigned = assign_levels(boxes, min_level=levels[0], max_level=levels[-1],
+                           canonical_box_size=canonical_box_size,
+                           canonical_level=canonical_level)
   sizes = [f.shape[1:3] for f in features]
-  y_samples, x_samples = _level_samples(boxes, levels, sizes, strides, output_size,
+  strides = [2**level for level in levels]
+  y_samples, x_samples = _level_samples(boxes, assigned, sizes, strides, output_size,
                                         sampling_ratio)
   if impl == "auto":
     impl = "separable" if jax.default_backend() == "tpu" else "gather"
   pool = _roi_align_gather if impl == "gather" else _roi_align_separable
-  return pool(features, levels, y_samples, x_samples, output_size, sampling_ratio), levels
+  return pool(features, assigned, y_samples, x_samples, output_size, sampling_ratio), assigned

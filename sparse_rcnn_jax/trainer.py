@@ -52,17 +52,23 @@ def match_dataset(config: ml_collections.ConfigDict, source) -> None:
 def init_variables(model: detector.SparseRCNN, config: ml_collections.ConfigDict,
                    rng: jax.Array, image_shape: tuple[int, int]) -> dict:
   """Randomly initialized variables, then pretrained weights named by the config, if any."""
+  weights = config.model.official_checkpoint or config.model.torchvision_weights
+  if weights and config.model.backbone.name != "resnet":
+    raise ValueError(f"{weights} holds ResNet weights, but config.model.backbone.name is "
+                     f"{config.model.backbone.name!r}; clear model.official_checkpoint and "
+                     "model.torchvision_weights, or use the resnet backbone.")
   images = jnp.zeros((1, *image_shape, 3), jnp.uint8)
   whwh = jnp.ones((1, 4), jnp.float32)
   variables = jax.jit(model.init)(rng, images, whwh)
-  depth = config.model.backbone.depth
   if config.model.official_checkpoint:
     state = checkpoint_io.load_state_dict(config.model.official_checkpoint)
-    variables = official.from_official(state, HeadConfig.from_config(config.model), depth)
+    variables = official.from_official(state, HeadConfig.from_config(config.model),
+                                       config.model.backbone.depth)
     log.info("Loaded the official checkpoint %s", config.model.official_checkpoint)
   elif config.model.torchvision_weights:
     state = checkpoint_io.load_state_dict(config.model.torchvision_weights)
-    variables = official.backbone_from_torchvision(state, variables, depth)
+    variables = official.backbone_from_torchvision(state, variables,
+                                                   config.model.backbone.depth)
     log.info("Loaded torchvision backbone weights %s", config.model.torchvision_weights)
   return jax.tree.map(jnp.asarray, variables)
 
@@ -85,8 +91,7 @@ def abstract_state(config: ml_collections.ConfigDict, mesh, image_shape=(64, 64)
                            jnp.ones((1, 4), jnp.float32))
     tx = optim.make_optimizer(config.optimizer, variables["params"],
                               batch_size=config.data.batch_size,
-                              num_steps=config.train.num_steps,
-                              freeze_at=config.model.backbone.freeze_at)
+                              num_steps=config.train.num_steps, is_frozen=model.is_frozen)
     return create_state(model, config, tx, variables, config.seed)
   shapes = jax.eval_shape(build)
   replicated = sharding.replicated(mesh)
@@ -213,8 +218,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   variables = init_variables(model, config, jax.random.PRNGKey(config.seed), shapes[0])
   tx = optim.make_optimizer(config.optimizer, variables["params"],
                             batch_size=config.data.batch_size,
-                            num_steps=config.train.num_steps,
-                            freeze_at=config.model.backbone.freeze_at)
+                            num_steps=config.train.num_steps, is_frozen=model.is_frozen)
   state = create_state(model, config, tx, variables, config.seed)
   state = jax.device_put(state, sharding.replicated(mesh))
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax.backbone import ConvNorm, ConvSpec, ResNet
+from sparse_rcnn_jax.backbones.resnet import ConvNorm, ConvSpec, ResNet
 from sparse_rcnn_jax.convert.backbone import resnet_from_torchvision
 
 TORCHVISION_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -89,7 +89,8 @@ def batch_norm_eval(x, state, prefix):
 
 
 def torchvision_resnet_forward(state, depth, x):
-  """torchvision ResNet.forward up to layer4, collecting the stage outputs as res2..res5."""
+  """torchvision ResNet.forward up to layer4, collecting the outputs of layer1..4 (res2..res5)
+  by pyramid level 2..5."""
   relu = lambda v: np.maximum(v, 0.0)
   x = relu(batch_norm_eval(conv2d(x, state["conv1.weight"], stride=2, padding=3), state, "bn1"))
   x = max_pool_3x3_s2_p1(x)
@@ -112,7 +113,7 @@ def torchvision_resnet_forward(state, depth, x):
         identity = batch_norm_eval(conv2d(x, state[p + "downsample.0.weight"], stride=stride),
                                    state, p + "downsample.1")
       x = relu(out + identity)
-    features[f"res{n + 1}"] = x
+    features[n + 1] = x
   return features
 
 
@@ -131,10 +132,10 @@ def test_matches_torchvision_reference(depth, width, shape):
   x = rng.standard_normal(shape).astype(np.float32)
   ours = ResNet(depth, width).apply({"params": params, "batch_stats": batch_stats}, x)
   expected = torchvision_resnet_forward(state, depth, x)
-  assert list(ours) == ["res2", "res3", "res4", "res5"]
-  for name in expected:
-    assert ours[name].shape == expected[name].shape, name
-    assert_close(ours[name], expected[name])
+  assert list(ours) == [2, 3, 4, 5] == list(ResNet(depth).levels)
+  for level in expected:
+    assert ours[level].shape == expected[level].shape, level
+    assert_close(ours[level], expected[level])
 
 
 def _torch_out(size, kernel, stride, padding):
@@ -150,13 +151,13 @@ def test_output_shapes_follow_pytorch(depth, height, width):
   size = np.array([height, width])
   size = _torch_out(_torch_out(size, 7, 2, 3), 3, 2, 1)
   expansion = 4 if depth >= 50 else 1
-  for number, stage in enumerate(["res2", "res3", "res4", "res5"]):
+  for number, level in enumerate([2, 3, 4, 5]):
     if number > 0:
       size = _torch_out(size, 3, 2, 1)
     channels = 64 * 2**number * expansion
-    assert features[stage].shape == (2, *size, channels), stage
+    assert features[level].shape == (2, *size, channels), level
   if (height, width) == (224, 224):
-    assert features["res5"].shape == (2, 7, 7, 2048)
+    assert features[5].shape == (2, 7, 7, 2048)
 
 
 def _trainable_count(depth):
@@ -193,6 +194,8 @@ def test_freeze_at_stops_gradients(freeze_at):
   for part, tree in grads.items():
     for path, grad in jax.tree_util.tree_leaves_with_path(tree):
       where = part + jax.tree_util.keystr(path)
+      # The optimizer's mask (is_frozen) names exactly the parameters without gradient.
+      assert model.is_frozen((part, *(k.key for k in path))) == (part in frozen), where
       if part in frozen:
         assert not np.any(grad), where
       else:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax.backbone import ResNet
+from sparse_rcnn_jax.backbones.resnet import ResNet
 from sparse_rcnn_jax.convert.backbone import (fpn_from_detectron2, fpn_to_detectron2,
                                               resnet_from_detectron2, resnet_from_torchvision,
                                               resnet_to_detectron2, torchvision_to_detectron2)
@@ -160,7 +160,7 @@ def test_fpn_round_trips(in_channels):
   levels = tuple(in_channels)
   state = detectron2_fpn_state(in_channels, 256, np.random.default_rng(0))
   params = fpn_from_detectron2(state, levels)
-  features = {f"res{l}": jax.ShapeDtypeStruct((1, 2**(7 - l), 2**(7 - l), c), jnp.float32)
+  features = {l: jax.ShapeDtypeStruct((1, 2**(7 - l), 2**(7 - l), c), jnp.float32)
               for l, c in in_channels.items()}
   shapes = jax.eval_shape(FPN(256, levels).init, jax.random.key(0), features)["params"]
   _assert_fits(params, shapes)

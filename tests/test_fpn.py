@@ -27,7 +27,7 @@ def detectron2_fpn_forward(state, features, levels):
   outputs = {}
   previous = None
   for level in reversed(levels):
-    lateral = conv2d(features[f"res{level}"], state[f"fpn_lateral{level}.weight"],
+    lateral = conv2d(features[level], state[f"fpn_lateral{level}.weight"],
                      state[f"fpn_lateral{level}.bias"])
     if previous is not None:
       rows = np.arange(2 * previous.shape[1]) // 2
@@ -40,8 +40,8 @@ def detectron2_fpn_forward(state, features, levels):
 
 
 def _features(rng, batch, height, width, in_channels):
-  """Backbone-like features of an image height x width (multiples of 32)."""
-  return {f"res{level}": rng.standard_normal(
+  """Backbone-like features {level: map} of an image height x width (multiples of 32)."""
+  return {level: rng.standard_normal(
       (batch, height >> level, width >> level, c)).astype(np.float32)
           for level, c in in_channels.items()}
 
@@ -63,13 +63,19 @@ def test_matches_detectron2_reference(in_channels):
 def test_sizes_not_halving_are_rejected():
   rng = np.random.default_rng(0)
   features = _features(rng, 1, 128, 96, {2: 8, 3: 8, 4: 8, 5: 8})
-  features["res2"] = features["res2"][:, :-1]  # an image height that is not a multiple of 32
-  with pytest.raises(ValueError, match="res2.*multiples of 32"):
+  features[2] = features[2][:, :-1]  # an image height that is not a multiple of 32
+  with pytest.raises(ValueError, match="level 2.*multiples of 32"):
     jax.eval_shape(FPN(8).init, jax.random.key(0), features)
 
 
+def test_missing_backbone_levels_are_named():
+  features = _features(np.random.default_rng(0), 1, 64, 64, {3: 8, 4: 8})
+  with pytest.raises(ValueError, match=r"levels \(2, 3, 4\).*returned levels \[3, 4\]"):
+    jax.eval_shape(FPN(8, (2, 3, 4)).init, jax.random.key(0), features)
+
+
 def test_init_is_c2_xavier_fill():
-  features = {"res5": jnp.zeros((1, 4, 4, 96))}
+  features = {5: jnp.zeros((1, 4, 4, 96))}
   params = jax.jit(FPN(64, in_levels=(5,)).init)(jax.random.key(0), features)["params"]
   for name, fan_in in (("fpn_lateral5", 96), ("fpn_output5", 9 * 64)):
     kernel = np.asarray(params[name]["kernel"])

@@ -5,6 +5,8 @@ import optax
 import pytest
 
 from configs import r50_100pro_3x
+from configs import tiny
+from sparse_rcnn_jax import detector
 from sparse_rcnn_jax import optim
 
 
@@ -37,6 +39,10 @@ def _torch_adamw_step(p, g, lr, wd, b1, b2, eps, clip):
   return out
 
 
+def _stem_and_res2(path):
+  return path[:2] in (("backbone", "stem"), ("backbone", "res2"))
+
+
 def test_one_step_matches_pytorch_adamw_and_frozen_parts_never_move():
   config = r50_100pro_3x.get_config()
   rng = np.random.default_rng(0)
@@ -47,7 +53,7 @@ def test_one_step_matches_pytorch_adamw_and_frozen_parts_never_move():
   params = jax.tree.map(lambda x: x.astype(np.float32), params)
   grads = jax.tree.map(lambda x: (3 * rng.standard_normal(x.shape)).astype(np.float32), params)
   tx = optim.make_optimizer(config.optimizer, params, batch_size=16, num_steps=270_000,
-                            freeze_at=2)
+                            is_frozen=_stem_and_res2)
   state = tx.init(params)
   for _ in range(3):  # frozen leaves stay put over several steps, weight decay included
     updates, state = tx.update(grads, state, params)
@@ -62,16 +68,19 @@ def test_one_step_matches_pytorch_adamw_and_frozen_parts_never_move():
   expected = _torch_adamw_step(trainable, trainable_g, lr=2.5e-7, wd=1e-4, b1=0.9, b2=0.999,
                                eps=1e-8, clip=1.0)
   tx = optim.make_optimizer(config.optimizer, params, batch_size=16, num_steps=270_000,
-                            freeze_at=2)
+                            is_frozen=_stem_and_res2)
   updates, _ = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
   np.testing.assert_allclose(new["backbone"]["res3"]["w"], expected["res3"], rtol=1e-6)
   np.testing.assert_allclose(new["head"]["w"], expected["head"], rtol=1e-6)
 
 
-def test_frozen_labels():
-  params = {"backbone": {s: {"w": 0} for s in optim.FROZEN_STAGES}, "fpn": {"w": 0}}
+def test_frozen_labels_follow_the_models_predicate():
+  params = {"backbone": {s: {"w": 0} for s in ("stem", "res2", "res3", "res4", "res5")},
+            "fpn": {"w": 0}}
   for freeze_at, frozen in ((0, set()), (1, {"stem"}), (2, {"stem", "res2"})):
-    labels = optim.frozen_labels(params, freeze_at)
+    config = tiny.get_config()
+    config.model.backbone.freeze_at = freeze_at
+    labels = optim.frozen_labels(params, detector.build_model(config.model).is_frozen)
     assert {s for s, v in labels["backbone"].items() if v["w"] == "frozen"} == frozen
     assert labels["fpn"]["w"] == "train"

@@ -58,10 +58,10 @@ def reference_roi_align(fmap, box, scale, out=7, ratio=2):
   return result, taps
 
 
-def reference_level(box):
+def reference_level(box, min_level=2, max_level=5):
   area = (box[2] - box[0]) * (box[3] - box[1])
   level = math.floor(4 + math.log2(math.sqrt(max(area, 0.0)) / 224 + 1e-8))
-  return min(max(level, 2), 5) - 2
+  return min(max(level, min_level), max_level) - min_level
 
 
 def _features(rng, batch=2, channels=3, height=64, width=96):
@@ -122,6 +122,24 @@ def test_forward_matches_kernel_loop(impl, height, width):
                                  err_msg=f"image {b} box {n} {boxes[b, n]}")
   # The box outside the map reads nothing at all.
   assert np.all(out[0, 4] == 0)
+
+
+def test_other_levels_use_their_strides():
+  """A pyramid of levels 3..4 only: boxes go to P3 or P4 and read at strides 8 and 16."""
+  rng = np.random.default_rng(2)
+  feats = [rng.standard_normal((2, 64 // s, 96 // s, 3)).astype(np.float32) for s in (8, 16)]
+  boxes = _boxes(rng)
+  out, levels = roi_align.multilevel_roi_align([jnp.asarray(f) for f in feats],
+                                               jnp.asarray(boxes), levels=(3, 4))
+  expected_levels = [[reference_level(b, 3, 4) for b in img] for img in boxes.astype(np.float64)]
+  np.testing.assert_array_equal(levels, expected_levels)
+  assert set(np.asarray(levels).ravel()) == {0, 1}
+  for b in range(boxes.shape[0]):
+    for n in range(boxes.shape[1]):
+      lvl = int(levels[b, n])
+      expected, _ = reference_roi_align(feats[lvl][b].astype(np.float64), boxes[b, n],
+                                        1.0 / 2**(3 + lvl))
+      np.testing.assert_allclose(np.asarray(out[b, n]), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", FORMS)
@@ -228,9 +246,11 @@ def test_gather_form_copies_no_map_and_writes_no_taps():
     assert table not in _sizes(hlo)
 
 
-def test_unknown_impl_and_stride_count_are_refused():
+def test_unknown_impl_and_wrong_levels_are_refused():
   feats = [jnp.zeros((1, 8, 8, 2))]
   with pytest.raises(ValueError, match="impl"):
-    roi_align.multilevel_roi_align(feats, jnp.zeros((1, 1, 4)), strides=(4,), impl="loop")
-  with pytest.raises(ValueError, match="strides"):
+    roi_align.multilevel_roi_align(feats, jnp.zeros((1, 1, 4)), levels=(2,), impl="loop")
+  with pytest.raises(ValueError, match="1 feature maps but 4 levels"):
     roi_align.multilevel_roi_align(feats, jnp.zeros((1, 1, 4)))
+  with pytest.raises(ValueError, match="consecutive"):
+    roi_align.multilevel_roi_align(feats * 2, jnp.zeros((1, 1, 4)), levels=(2, 4))

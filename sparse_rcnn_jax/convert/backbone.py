@@ -3,7 +3,7 @@
 NumPy only: names are mapped and conv weights transposed between PyTorch's [O, I, kH, kW] and
 flax's [kH, kW, I, O]; values are never changed, so both directions are exact. Names carry no
 checkpoint prefix: callers strip "backbone.bottom_up." (ResNet) and "backbone." (FPN) first.
-Every function checks names and shapes against the architecture (`backbone.resnet_spec`) and
+Every function checks names and shapes against the architecture (`resnet.resnet_spec`) and
 raises a ValueError listing all missing, unexpected and wrongly shaped entries.
 
 Only the frozen-batch-norm ResNet has pretrained weights; its norm values go to "batch_stats".
@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from flax import traverse_util
 
-from sparse_rcnn_jax.backbone import BATCH_NORM_STATS, ConvSpec, resnet_spec
+from sparse_rcnn_jax.backbones.resnet import BATCH_NORM_STATS, ConvSpec, resnet_spec
 
 Shape = tuple[int | None, ...]  # None: any size.
 _MAX_LISTED = 20
@@ -117,7 +117,7 @@ def _stem_width(weight: Any, out_axis: int, where: str) -> int:
 def resnet_from_detectron2(state: Mapping[str, np.ndarray], depth: int) -> tuple[dict, dict]:
   """detectron2 ResNet state dict (names without "backbone.bottom_up.") -> (params, batch_stats).
 
-  The width is read from `stem.conv1.weight`. The result fits `backbone.ResNet(depth, width,
+  The width is read from `stem.conv1.weight`. The result fits `resnet.ResNet(depth, width,
   norm="frozen_bn")`: `apply({"params": params, "batch_stats": batch_stats}, images)`.
   """
   width = _stem_width(state.get("stem.conv1.weight"), 0,
@@ -216,5 +216,5 @@ def torchvision_to_detectron2(state: Mapping[str, np.ndarray]) -> dict[str, np.n
 
 
 def resnet_from_torchvision(state: Mapping[str, np.ndarray], depth: int) -> tuple[dict, dict]:
-  """torchvision ImageNet ResNet state dict -> (params, batch_stats) of `backbone.ResNet`."""
+  """torchvision ImageNet ResNet state dict -> (params, batch_stats) of `resnet.ResNet`."""
   return resnet_from_detectron2(torchvision_to_detectron2(state), depth)

@@ -1,4 +1,4 @@
-"""ResNet backbone with torchvision / detectron2 semantics, NHWC.
+"""ResNet backbone with torchvision / detectron2 semantics, NHWC; registered as "resnet".
 
 Layers, paddings and strides follow torchvision's ImageNet ResNets (stride on the 3x3 conv of a
 bottleneck), so converted torchvision or detectron2 weights give the network they were trained
@@ -15,6 +15,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from sparse_rcnn_jax import conv
 from sparse_rcnn_jax import precision
@@ -22,6 +23,8 @@ from sparse_rcnn_jax import precision
 # Residual blocks per stage res2..res5.
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGES = ("res2", "res3", "res4", "res5")
+# The parts `freeze_at` freezes, in order: freeze_at = k freezes the first k.
+FREEZABLE = ("stem",) + STAGES
 NORMS = ("frozen_bn", "group_norm")
 # Names of the frozen batch norm's values in the "batch_stats" collection (PyTorch's names).
 BATCH_NORM_STATS = ("weight", "bias", "running_mean", "running_var")
@@ -194,7 +197,7 @@ class Stem(nn.Module):
 
 
 class ResNet(nn.Module):
-  """ResNet-18/34/50/101 feature extractor returning res2..res5.
+  """ResNet-18/34/50/101 feature extractor returning res2..res5 as pyramid levels 2..5.
 
   Attributes:
     depth: 18 or 34 (basic blocks), 50 or 101 (bottlenecks).
@@ -202,7 +205,8 @@ class ResNet(nn.Module):
     norm: "frozen_bn" (pretrained weights; values in "batch_stats") or "group_norm" (trainable,
       no "batch_stats"; for training from scratch).
     freeze_at: 0 freezes nothing, 1 the stem, k >= 2 the stem and res2..res{k}. Frozen parts get
-      no gradient (stop_gradient on their output); masking them in the optimizer is done elsewhere.
+      no gradient (stop_gradient on their output), and `is_frozen` names their parameters for
+      the optimizer's mask.
     conv_impl: how convolutions are differentiated (conv.make_conv).
     dtype: the compute dtype (precision.py); parameters and statistics stay float32.
   """
@@ -213,24 +217,41 @@ class ResNet(nn.Module):
   conv_impl: str = "auto"
   dtype: str = "float32"
 
+  @classmethod
+  def from_config(cls, backbone: ml_collections.ConfigDict, *, dtype: str,
+                  conv_impl: str) -> "ResNet":
+    """The ResNet of `config.model.backbone` (fields depth, width, norm, freeze_at)."""
+    return cls(depth=backbone.depth, width=backbone.width, norm=backbone.norm,
+               freeze_at=backbone.freeze_at, conv_impl=conv_impl, dtype=dtype)
+
+  @property
+  def levels(self) -> tuple[int, ...]:
+    """The pyramid levels returned: res2..res5 are levels 2..5 (strides 4..32)."""
+    return tuple(range(2, 2 + len(STAGES)))
+
+  def is_frozen(self, path: tuple[str, ...]) -> bool:
+    """Whether the parameter at `path` (inside this module's params, e.g. ("stem", "conv1",
+    "kernel")) is frozen: it lies in one of the first `freeze_at` parts of FREEZABLE."""
+    return path[0] in FREEZABLE[:self.freeze_at]
+
   @nn.compact
-  def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+  def __call__(self, x: jax.Array) -> dict[int, jax.Array]:
     """x: [B, H, W, 3] normalized RGB, NHWC.
 
     Returns:
-      {"res2": [B, H2, W2, C2], "res3", "res4", "res5"} at strides 4, 8, 16, 32 (sizes rounded
-      as PyTorch does), C = width * (1, 2, 4, 8), times 4 for bottlenecks; in `dtype`.
+      {2: [B, H2, W2, C2], 3, 4, 5}: res2..res5 by level, at strides 4, 8, 16, 32 (sizes
+      rounded as PyTorch does), C = width * (1, 2, 4, 8), times 4 for bottlenecks; in `dtype`.
     """
-    if not 0 <= self.freeze_at <= 1 + len(STAGES):
-      raise ValueError(f"freeze_at must be in 0..{1 + len(STAGES)}, got {self.freeze_at}.")
+    if not 0 <= self.freeze_at <= len(FREEZABLE):
+      raise ValueError(f"freeze_at must be in 0..{len(FREEZABLE)}, got {self.freeze_at}.")
     spec = resnet_spec(self.depth, self.width)
     x = Stem(spec.stem, self.norm, self.conv_impl, self.dtype, name="stem")(x)
-    if self.freeze_at >= 1:
+    if self.is_frozen(("stem",)):
       x = jax.lax.stop_gradient(x)
     features = {}
-    for number, (stage, blocks) in enumerate(spec.stages.items(), start=2):
+    for level, (stage, blocks) in zip(self.levels, spec.stages.items()):
       x = Stage(blocks, self.norm, self.conv_impl, self.dtype, name=stage)(x)
-      if self.freeze_at >= number:
+      if self.is_frozen((stage,)):
         x = jax.lax.stop_gradient(x)
-      features[stage] = x
+      features[level] = x
     return features
