@@ -1,11 +1,14 @@
-"""Evaluates a trained Sparse R-CNN on the config's eval split with COCO AP.
+"""Evaluates a trained Sparse R-CNN on the eval split with COCO AP.
 
-  python eval.py --config configs/synthetic.py --workdir workdirs/synthetic
+  python eval.py --workdir workdirs/synthetic                 # the run's own config and data
+  python eval.py --config workdirs/synthetic/config.py --workdir workdirs/synthetic \
+      --config.data.eval_ann=moved/val.json --config.data.eval_images=moved/images
   python eval.py --config configs/r50_100pro_3x.py --checkpoint model_final.pth   # official
 
-With --workdir the newest checkpoint there (or --step) is evaluated; --checkpoint takes an
-official Sparse R-CNN checkpoint (.pth or .npz). Writes the COCO detections json and the
-metrics next to the checkpoint (or to --out) and prints the AP table with per-class AP.
+With --workdir the newest checkpoint there (or --step) is evaluated, with the config the run
+saved there unless --config is given; --checkpoint takes an official Sparse R-CNN checkpoint
+(.pth or .npz) and needs --config. Writes the COCO detections json and the metrics next to the
+checkpoint (or to --out) and prints the AP table with per-class AP.
 """
 import json
 import pathlib
@@ -16,8 +19,9 @@ from ml_collections import config_flags
 
 from sparse_rcnn_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (default: the one saved in --workdir).",
+    lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
@@ -30,31 +34,41 @@ def main(argv):
   cli.setup_logging()
   if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
     raise app.UsageError("Give exactly one of --workdir or --checkpoint.")
+  if _CHECKPOINT.value and _CONFIG.value is None:
+    raise app.UsageError("--checkpoint needs --config (the recipe of the checkpoint).")
   cli.initialize_distributed()
   # pylint: disable=g-import-not-at-top
   import jax
-  from sparse_rcnn_jax import detector, evaluation, experiment, inference, sharding, trainer
+  from sparse_rcnn_jax import detector, evaluation, inference, model_state, run_files, sharding
   from sparse_rcnn_jax.convert import checkpoint_io, official
+  from sparse_rcnn_jax.data import info as info_lib
   from sparse_rcnn_jax.data import pipeline
   from sparse_rcnn_jax.head_config import HeadConfig
 
-  config = _CONFIG.value
-  experiment.prepare_data(config)
+  config = run_files.config_for(_CONFIG.value, _WORKDIR.value)
   source = pipeline.load_source(config.data, "eval")
-  trainer.match_dataset(config, source)
   mesh = sharding.make_mesh()
   if _CHECKPOINT.value:
+    info = source.info
     state = checkpoint_io.load_state_dict(_CHECKPOINT.value)
-    variables = official.from_official(state, HeadConfig.from_config(config.model),
-                                       config.model.backbone.depth)
+    variables = official.from_official(
+        state, HeadConfig.from_config(config.model, num_classes=info.num_classes),
+        config.model.backbone.depth)
     variables, name = jax.device_put(variables, sharding.replicated(mesh)), "official"
     out = pathlib.Path(_OUT.value or pathlib.Path(_CHECKPOINT.value).parent)
   else:
-    variables, step = trainer.restore_variables(config, _WORKDIR.value, mesh, _STEP.value)
+    info = info_lib.DatasetInfo.load(_WORKDIR.value)
+    model = detector.build_model(config.model, info.num_classes)
+    variables, step = model_state.restore_variables(model, config, _WORKDIR.value, mesh,
+                                                    _STEP.value)
     name, out = f"step{step}", pathlib.Path(_OUT.value or _WORKDIR.value)
+  if source.info != info:
+    raise app.UsageError(f"The eval split's classes {source.class_names} are not the model's "
+                         f"{info.class_names}.")
   out.mkdir(parents=True, exist_ok=True)
-  model = detector.build_model(config.model)
-  metrics = inference.evaluate_split(model, variables, config, mesh, source,
+  model = detector.build_model(config.model, info.num_classes)
+  predict_fn = inference.make_predict_fn(model, mesh)
+  metrics = inference.evaluate_split(predict_fn, variables, config, mesh, source,
                                      results_path=out / f"detections_{name}.json")
   if jax.process_index() == 0:
     print(evaluation.format_table(metrics))

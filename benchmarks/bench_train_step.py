@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from configs import bccd, r50_100pro_3x, r50_300pro_3x, synthetic, tiny
-from sparse_rcnn_jax import detector, optim, sharding, trainer
+from sparse_rcnn_jax import detector, model_state, sharding, trainer
 from sparse_rcnn_jax.data import pipeline
 from sparse_rcnn_jax.data import synthetic as synthetic_data
 
@@ -58,11 +58,7 @@ def prepare(config, batch: int, height: int, width: int):
   config.data.batch_size = batch
   mesh = sharding.make_mesh()
   model = detector.build_model(config.model)
-  variables = trainer.init_variables(model, config, jax.random.PRNGKey(config.seed),
-                                     (height, width))
-  tx = optim.make_optimizer(config.optimizer, variables["params"], batch_size=batch,
-                            num_steps=config.train.num_steps, is_frozen=model.is_frozen)
-  state = jax.device_put(trainer.create_state(model, config, tx, variables, config.seed),
+  state = jax.device_put(model_state.new_state(model, config, (height, width)),
                          sharding.replicated(mesh))
   step = trainer.make_train_step(model, config, mesh, state)
   data = jax.device_put(random_batch(config, batch, height, width, config.model.num_classes),

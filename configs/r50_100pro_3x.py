@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Model (docs/model.md, sections 2-4).
   config.model = model = ml_collections.ConfigDict()
+  # The model always has the dataset's number of classes; this value is used only where there
+  # is no dataset (benchmarks on random data).
   model.num_classes = 80
   model.num_proposals = 100
   model.num_stages = 6

@@ -67,8 +67,11 @@ class SparseRCNN(nn.Module):
     return DynamicHead(self.head, levels, name="head")(maps, image_whwh, deterministic)
 
 
-def build_model(model: ml_collections.ConfigDict) -> SparseRCNN:
-  """The detector described by `config.model` (see configs/)."""
-  head = HeadConfig.from_config(model)
+def build_model(model: ml_collections.ConfigDict, num_classes: int | None = None) -> SparseRCNN:
+  """The detector described by `config.model` (see configs/) for `num_classes` classes: the
+  dataset's (DatasetInfo.num_classes); `model.num_classes` only where there is no dataset
+  (benchmarks and tests on random data)."""
+  head = HeadConfig.from_config(model, **({} if num_classes is None else
+                                          {"num_classes": num_classes}))
   backbone = backbones.build_backbone(model.backbone, dtype=head.dtype, conv_impl=model.conv_impl)
   return SparseRCNN(head=head, backbone=backbone, conv_impl=model.conv_impl)

@@ -38,7 +38,8 @@ class HeadConfig:
   proposal_init: str = "image"        # image | center | grid | random (Table 5)
 
   @classmethod
-  def from_config(cls, model: ml_collections.ConfigDict) -> "HeadConfig":
-    """Picks this record's fields out of `config.model`, ignoring the others."""
+  def from_config(cls, model: ml_collections.ConfigDict, **overrides) -> "HeadConfig":
+    """Picks this record's fields out of `config.model`, ignoring the others; `overrides`
+    (e.g. the dataset's num_classes) take precedence."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in model.items() if k in names})
+    return cls(**{**{k: v for k, v in model.items() if k in names}, **overrides})

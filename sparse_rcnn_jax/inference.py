@@ -65,15 +65,14 @@ def predict_dataset(predict_fn, variables, batches: Iterable[dict], mesh,
   return results
 
 
-def evaluate_split(model, variables, config: ml_collections.ConfigDict, mesh,
-                   source=None, results_path=None) -> dict:
-  """Runs inference on the eval split of `config.data` and evaluates it with COCOeval.
+def evaluate_split(predict_fn, variables, config: ml_collections.ConfigDict, mesh,
+                   source, results_path=None) -> dict:
+  """Runs `predict_fn` (make_predict_fn's, built once per run and reused) on every image of
+  the eval `source` and evaluates the detections with COCOeval.
 
   Returns the metrics of evaluation.evaluate (AP, AP50, ..., per-class AP). The lead host
   writes the detections to `results_path` if given.
   """
-  source = source or pipeline.load_source(config.data, "eval")
-  predict_fn = make_predict_fn(model, mesh)
   results = predict_dataset(predict_fn, variables, pipeline.eval_iterator(config.data, source),
                             mesh, source.label_to_category_id)
   if results_path is not None and jax.process_index() == 0:

@@ -152,3 +152,31 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> pathlib.Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   Image.fromarray(_check_image(image)).save(path, format="PNG")
   return path
+
+
+def save_prediction(image: np.ndarray, detections: dict, class_names: Sequence[str],
+                    stem: str | os.PathLike, score_threshold: float = 0.3,
+                    scale: float | np.ndarray = 1.0) -> list[pathlib.Path]:
+  """The pictures of one image's prediction: STEM.png (labelled detections) and
+  STEM_stages.png (the learned proposals, then each stage's boxes).
+
+  Args:
+    image: [H, W, 3] uint8 RGB, the picture to draw on.
+    detections: one image's entries of inference.make_predict_fn's output: "boxes" [K, 4],
+      "scores" [K], "labels" [K], "valid" [K], "stage_boxes" [S + 1, N, 4] (original-image
+      xyxy) and "stage_scores" [S, N].
+    scale: multiplies every box: from original-image pixels to `image`'s (1 when `image` is
+      the original; (sx, sy, sx, sy) for a resized one).
+  """
+  keep = np.asarray(detections["valid"], bool)
+  picture = draw_detections(image, np.asarray(detections["boxes"])[keep] * scale,
+                            np.asarray(detections["scores"])[keep],
+                            np.asarray(detections["labels"])[keep], class_names,
+                            score_threshold=score_threshold)
+  stage_scores = np.asarray(detections["stage_scores"])
+  scores = np.concatenate([np.ones((1, stage_scores.shape[-1])), stage_scores])
+  strip = draw_stages(image, np.asarray(detections["stage_boxes"]) * scale, scores,
+                      score_threshold=score_threshold)
+  stem = pathlib.Path(stem)
+  return [save_png(picture, stem.with_name(stem.name + ".png")),
+          save_png(strip, stem.with_name(stem.name + "_stages.png"))]

@@ -8,8 +8,9 @@ from flax.training import train_state
 from sparse_rcnn_jax import checkpointing
 from sparse_rcnn_jax import sharding
 
-# One optimizer object: it is a static field of the state, part of the tree's structure.
-TX = optax.adam(1e-3)
+# One optimizer object: it is a static field of the state, part of the tree's structure. Wrapped
+# like optim.make_optimizer's, so the state also holds int and bool scalars.
+TX = optax.apply_if_finite(optax.adam(1e-3), max_consecutive_errors=3)
 
 
 def tiny_state(seed: int) -> train_state.TrainState:

@@ -102,6 +102,34 @@ def test_predict_draws_images_and_writes_detections(trained, tmp_path):
   assert all(len(r["box_xyxy"]) == 4 and 0.0 <= r["score"] <= 1.0 for r in records)
 
 
+def test_the_workdir_alone_predicts_with_class_names_and_evaluates(trained, tmp_path):
+  """As a new user: the data folder moved away, predict.py needs only --workdir and images
+  (the run saved its config and class names); with the folder back, eval.py --workdir alone
+  evaluates it."""
+  base, _, _ = trained
+  work, data, moved = base / "work", base / "data", tmp_path / "moved"
+  images = tmp_path / "images"
+  images.mkdir()
+  for source in sorted(data.rglob("*.jpg"))[:2]:
+    (images / source.name).write_bytes(source.read_bytes())
+  data.rename(moved)
+  try:
+    proc = _run("predict.py", "--workdir", str(work), "--images", str(images), "--out",
+                str(tmp_path / "pred"), "--threshold", "0.0")
+    assert "2 image(s)" in proc.stdout
+    records = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert records and {r["class"] for r in records} <= {
+        "disc", "ring", "rectangle", "triangle", "cross"}
+    assert len(list((tmp_path / "pred").glob("*_stages.png"))) == 2
+  finally:
+    moved.rename(data)
+  proc = _run("eval.py", "--workdir", str(work), "--out", str(tmp_path / "eval"))
+  assert "AP50" in proc.stdout
+  ours = json.loads((tmp_path / "eval" / "eval_step3.json").read_text())
+  theirs = json.loads((work / "eval_step3.json").read_text())
+  assert ours["AP"] == pytest.approx(theirs["AP"], abs=1e-6)
+
+
 def test_bad_arguments_are_explained(trained, tmp_path):
   base, flags, _ = trained
   env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -1,5 +1,9 @@
-"""Optimizer: schedule values, one AdamW step against PyTorch's formula, frozen masking."""
+"""Optimizer: schedule values against detectron2's, one AdamW step against PyTorch's formula,
+frozen masking, non-finite updates skipped and counted."""
+import bisect
+
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -24,6 +28,75 @@ def test_schedule_is_detectron2_warmup_multistep(step, batch, expected):
   config = r50_100pro_3x.get_config()
   schedule = optim.learning_rate(config.optimizer, batch, 270_000)
   assert float(schedule(step)) == pytest.approx(expected, rel=1e-5)
+
+
+def _detectron2_lr(optimizer, batch_size, num_steps, steps):
+  """detectron2's WarmupMultiStepLR.get_lr (linear warmup), in float64, one step at a time."""
+  base = optimizer.base_learning_rate * batch_size / optimizer.base_batch_size
+  milestones = sorted(int(f * num_steps) for f in optimizer.decay_at)
+  out = []
+  for step in steps:
+    warmup = 1.0
+    if step < optimizer.warmup_steps:
+      alpha = step / optimizer.warmup_steps
+      warmup = optimizer.warmup_factor * (1 - alpha) + alpha
+    out.append(base * warmup * optimizer.decay_factor ** bisect.bisect_right(milestones, step))
+  return np.array(out)
+
+
+@pytest.mark.parametrize("changes,num_steps", [
+    ({}, 270_000),                                          # the 3x recipe, every step
+    ({"warmup_steps": 0}, 100),                             # no warmup: full lr from step 0
+    ({"decay_at": ()}, 3000),                               # no decay
+    ({"decay_at": (0.1, 0.1, 0.5)}, 4000),                  # in the warmup, and repeated
+    ({"decay_at": (0.0, 0.5), "warmup_steps": 10}, 100),    # a milestone at step 0
+])
+def test_schedule_matches_detectron2_at_every_step(changes, num_steps):
+  optimizer = ml_collections.ConfigDict(r50_100pro_3x.get_config().optimizer.to_dict())
+  optimizer.update(changes)
+  steps = np.arange(num_steps + 2)
+  schedule = jax.jit(jax.vmap(optim.learning_rate(optimizer, 16, num_steps)))
+  got = np.asarray(schedule(steps.astype(np.int32)), np.float64)
+  # float32: optax's linear form (I - E) * (1 - a) + E loses ~2e-6 on the first warmup steps.
+  np.testing.assert_allclose(got, _detectron2_lr(optimizer, 16, num_steps, steps), rtol=3e-6)
+
+
+def test_make_optimizer_carries_the_schedule_it_follows():
+  config = r50_100pro_3x.get_config()
+  params = {"w": np.ones(3, np.float32)}
+  tx = optim.make_optimizer(config.optimizer, params, batch_size=16, num_steps=270_000,
+                            is_frozen=lambda _: False)
+  assert float(tx.schedule(0)) == pytest.approx(2.5e-7, rel=1e-5)
+  state = tx.init(params)
+  for step in range(3):  # a constant gradient: Adam's direction is 1, plus weight decay
+    updates, state = tx.update({"w": np.ones(3, np.float32)}, state, params)
+    np.testing.assert_allclose(updates["w"], -tx.schedule(step) * (1 + 1e-4), rtol=1e-4)
+
+
+def test_a_nonfinite_gradient_moves_nothing_is_counted_and_the_count_resets():
+  config = r50_100pro_3x.get_config()
+  rng = np.random.default_rng(0)
+  params = {"a": rng.standard_normal(3).astype(np.float32),
+            "b": rng.standard_normal((2, 2)).astype(np.float32)}
+  good = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), params)
+  bad = dict(good, b=np.float32([[1.0, np.nan], [np.inf, 2.0]]))
+  tx = optim.make_optimizer(config.optimizer, params, batch_size=16, num_steps=270_000,
+                            is_frozen=lambda _: False)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  updates, state = step(good, tx.init(params), params)
+  params = optax.apply_updates(params, updates)
+  assert int(optim.nonfinite_in_a_row(state)) == 0
+  for count in (1, 2, 3):
+    updates, new_state = step(bad, state, params)
+    new_params = optax.apply_updates(params, updates)
+    assert int(optim.nonfinite_in_a_row(new_state)) == count
+    jax.tree.map(np.testing.assert_array_equal, new_params, params)
+    jax.tree.map(np.testing.assert_array_equal, new_state.inner_state, state.inner_state)
+    state = new_state
+  updates, state = step(good, state, params)
+  assert int(optim.nonfinite_in_a_row(state)) == 0
+  assert int(optax.tree.get(state, "ScaleByAdamState").count) == 2  # skips did not count
+  assert all(np.all(u != 0) for u in jax.tree.leaves(updates))
 
 
 def _torch_adamw_step(p, g, lr, wd, b1, b2, eps, clip):

@@ -30,6 +30,7 @@ from flax import traverse_util
 
 from configs import r50_100pro_3x, synthetic, tiny
 from sparse_rcnn_jax import detector
+from sparse_rcnn_jax import model_state
 from sparse_rcnn_jax import precision
 from sparse_rcnn_jax import trainer
 from sparse_rcnn_jax.dynamic_head import Stage
@@ -161,14 +162,14 @@ def test_losses_and_matching_costs_are_float32_in_the_train_step():
   model = detector.build_model(config.model)
   images, whwh = _images(2, 64, 64)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, whwh)
-  import optax  # pylint: disable=g-import-not-at-top
-  state = trainer.create_state(model, config, optax.adamw(1e-4), variables, 0)
+  state = model_state.create_state(model, variables,
+                                   model_state.optimizer(model, config, variables["params"]), 0)
   batch = {"image": images, "image_whwh": whwh,
            "gt_boxes": jnp.tile(jnp.array([[4.0, 4.0, 40.0, 40.0]]), (2, 4, 1)),
            "gt_labels": jnp.zeros((2, 4), jnp.int32),
            "gt_mask": jnp.array([[True, True, False, False], [True, False, False, False]])}
   step = lambda s, b: trainer.train_step(s, b, model=model, loss_config=config.loss, mesh=None,
-                                         schedule=lambda _: 1e-4)
+                                         schedule=state.tx.schedule)
   jaxpr = jax.make_jaxpr(step)(state, batch).jaxpr
   # losses.set_prediction_loss names its ops' scopes "set_prediction_loss" and ".../matching".
   in_loss = [(eqn, name) for eqn, name in _eqns(jaxpr) if "set_prediction_loss" in name]

@@ -177,24 +177,26 @@ def test_bad_arguments_are_explained(tmp_path):
 
 
 def test_config_fields_reach_the_generator(tmp_path):
-  """configs set the set's difficulty as data: every data.synthetic field but root is passed."""
+  """configs set the set's difficulty as data: every data.synthetic field but root is passed,
+  and the source reads the set it generated without changing the config."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from sparse_rcnn_jax import experiment  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict({"data": {"source": "synthetic", "synthetic": dict(
+  from sparse_rcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  data = ml_collections.ConfigDict({"source": "synthetic", "synthetic": dict(
       root=str(tmp_path / "set"), num_train=6, num_val=2, image_size=64, seed=3,
       max_objects=2, empty_fraction=0.0, min_scale=0.3, max_scale=0.5),
-      "train_ann": "", "train_images": "", "eval_ann": "", "eval_images": ""}})
-  experiment.prepare_data(config)
-  assert config.data.source == "coco"
+      "on_bad_annotation": "error", "on_bad_image": "skip"})
+  before = data.to_json()
+  train, val = pipeline.load_source(data, "train"), pipeline.load_source(data, "eval")
+  assert data.to_json() == before
+  assert (len(train), len(val)) == (6, 2) and train.class_names == synthetic.CLASS_NAMES
   manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
   assert "max_objects" in json.dumps(manifest) and "0.3" in json.dumps(manifest)
-  coco = json.loads(pathlib.Path(config.data.train_ann).read_text())
+  coco = json.loads(pathlib.Path(train.ann_path).read_text())
   per_image = np.bincount([a["image_id"] for a in coco["annotations"]])
   assert len(coco["images"]) == 6 and per_image.max() <= 2
   sides = [max(a["bbox"][2:]) for a in coco["annotations"]]
   assert min(sides) >= 0.3 * 64 - 2 and max(sides) <= 0.5 * 64 + 2, sides
 
-  config.data.source = "synthetic"
-  config.data.synthetic.max_object = 3
+  data.synthetic.max_object = 3
   with pytest.raises(ValueError, match="max_object"):
-    experiment.prepare_data(config)
+    pipeline.load_source(data, "train")

@@ -11,14 +11,20 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax import experiment
+from configs import r50_100pro_3x
+from sparse_rcnn_jax import detector
 from sparse_rcnn_jax import metric_writer
+from sparse_rcnn_jax import model_state
+from sparse_rcnn_jax import optim
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax import trainer
+from sparse_rcnn_jax.data import info as info_lib
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -173,7 +179,6 @@ def test_nonfinite_loss_skips_then_stops_keeping_last_good_checkpoint(data_root,
                                                                       monkeypatch):
   config = train_worker.tiny_config(str(data_root), 4, BATCH, checkpoint_every=2)
   config.train.max_nonfinite_in_a_row = 3
-  experiment.prepare_data(config)
   good = trainer.train(config, tmp_path)
   good_params = jax.device_get(good.params)
 
@@ -188,9 +193,50 @@ def test_nonfinite_loss_skips_then_stops_keeping_last_good_checkpoint(data_root,
     trainer.train(config, tmp_path)
 
   mesh = sharding.make_mesh()
-  variables, step = trainer.restore_variables(config, tmp_path, mesh)
+  model = detector.build_model(config.model, info_lib.DatasetInfo.load(tmp_path).num_classes)
+  variables, step = model_state.restore_variables(model, config, tmp_path, mesh)
   assert step == 6  # steps 5 and 6 were skipped, and 6 was saved with the params of step 4
   for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(good_params)):
     np.testing.assert_array_equal(np.asarray(a), b)
   lines = metric_writer.read_metrics(tmp_path / "metrics.jsonl")
   assert [r["finite"] for r in lines[4:7]] == [0.0, 0.0, 0.0]
+
+
+class _Toy(nn.Module):
+  """Two parameters, which are also the predictions."""
+
+  @nn.compact
+  def __call__(self, images, whwh, deterministic=True):
+    w = self.param("w", nn.initializers.ones, (2,))
+    return {"pred_logits": w, "pred_boxes": w}
+
+
+def test_a_nonfinite_loss_skips_the_update_even_with_finite_gradients(monkeypatch):
+  def loss(logits, boxes, batch, *args, **kwargs):
+    """scale * |w|^2 + offset: a NaN offset makes the loss NaN and leaves the gradients finite,
+    which optax.apply_if_finite alone would apply."""
+    del boxes, args, kwargs
+    return batch["scale"] * jnp.sum(logits**2) + batch["offset"], {}
+  monkeypatch.setattr(trainer.losses, "set_prediction_loss", loss)
+  model = _Toy()
+  variables = model.init(jax.random.PRNGKey(0), None, None)
+  tx = optim.make_optimizer(r50_100pro_3x.get_config().optimizer, variables["params"],
+                            batch_size=16, num_steps=100, is_frozen=lambda _: False)
+  state = model_state.create_state(model, variables, tx, seed=0)
+  step = jax.jit(lambda s, b: trainer.train_step(s, b, model=model, loss_config=None, mesh=None,
+                                                 schedule=tx.schedule))
+  batch = lambda scale, offset: {"image": None, "image_whwh": None,
+                                 "scale": np.float32(scale), "offset": np.float32(offset)}
+  state, metrics = step(state, batch(1, 0))
+  assert metrics["finite"] == 1
+  for skipped, (scale, offset) in enumerate([(1, np.nan), (np.nan, 0), (1, np.inf)], 1):
+    new, metrics = step(state, batch(scale, offset))
+    assert metrics["finite"] == 0 and int(new.step) == int(state.step) + 1
+    assert int(optim.nonfinite_in_a_row(new.opt_state)) == skipped
+    np.testing.assert_array_equal(new.params["w"], state.params["w"])
+    jax.tree.map(np.testing.assert_array_equal, new.opt_state.inner_state,
+                 state.opt_state.inner_state)
+    state = new
+  new, metrics = step(state, batch(1, 0))
+  assert metrics["finite"] == 1 and int(optim.nonfinite_in_a_row(new.opt_state)) == 0
+  assert np.all(new.params["w"] < state.params["w"])

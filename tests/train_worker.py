@@ -43,15 +43,17 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
-  from sparse_rcnn_jax import experiment, metric_writer, trainer
+  from sparse_rcnn_jax import metric_writer, trainer
+  from sparse_rcnn_jax.data import info as info_lib
   config = tiny_config(data_root, num_steps, _BATCH.value, _CHECKPOINT_EVERY.value)
-  experiment.prepare_data(config)
   state = trainer.train(config, workdir)
   digests = {"": state.params}
   if _DIGEST_STEP.value:
     from sparse_rcnn_jax import sharding
-    variables, _ = trainer.restore_variables(config, workdir, sharding.make_mesh(),
-                                             step=_DIGEST_STEP.value)
+    from sparse_rcnn_jax import detector, model_state
+    model = detector.build_model(config.model, info_lib.DatasetInfo.load(workdir).num_classes)
+    variables, _ = model_state.restore_variables(model, config, workdir, sharding.make_mesh(),
+                                                 step=_DIGEST_STEP.value)
     digests["early_"] = variables["params"]
   if jax.process_index() == 0:
     records = metric_writer.read_metrics(pathlib.Path(workdir) / "metrics.jsonl")

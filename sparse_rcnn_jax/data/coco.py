@@ -298,6 +298,16 @@ class CocoSource(source_lib.DetectionSource):
     box_image = np.repeat(np.arange(len(t.image_ids)), np.diff(t.box_start))
     self.num_boxes = np.bincount(box_image[~t.is_crowd], minlength=len(t.image_ids))
 
+  @classmethod
+  def from_config(cls, data, split: str) -> "CocoSource":
+    """Split "train" or "eval" of `config.data` (its {split}_ann and {split}_images)."""
+    ann, images = ((data.train_ann, data.train_images) if split == "train"
+                   else (data.eval_ann, data.eval_images))
+    if not ann or not images:
+      raise ValueError(f"config.data.{split}_ann and config.data.{split}_images must name a "
+                       "COCO instances json and its image folder")
+    return cls(ann, images, data.on_bad_annotation, data.on_bad_image)
+
   def __len__(self) -> int:
     return len(self.table.image_ids)
 

@@ -1,7 +1,9 @@
 """The data section of an experiment config: `config.data = data_config.default_config()`.
 
 Fields (override any on the command line, e.g. `--config.data.batch_size=8`):
-  source: "coco" (a COCO-format folder) or "tfds" (a TensorFlow Datasets dataset).
+  source: "coco" (a COCO-format folder), "tfds" (a TensorFlow Datasets dataset) or
+    "synthetic" (the embedded set, generated under data.synthetic.root: configs/synthetic.py);
+    pipeline.SOURCES lists them.
   train_ann, train_images, eval_ann, eval_images: for "coco", the instances json and the image
     folder of each split.
   tfds_name, tfds_data_dir, train_split, eval_split: for "tfds", e.g. "coco/2017" with splits

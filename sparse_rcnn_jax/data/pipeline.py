@@ -47,30 +47,43 @@ import numpy as np
 from sparse_rcnn_jax.data import batching
 from sparse_rcnn_jax.data import coco
 from sparse_rcnn_jax.data import source as source_lib
+from sparse_rcnn_jax.data import synthetic
 from sparse_rcnn_jax.data import transforms
 
 Batch = dict[str, np.ndarray]
 Shape = tuple[int, int]
 
 
+def _tfds_source(data: ml_collections.ConfigDict, split: str) -> source_lib.DetectionSource:
+  # Imported here: tensorflow_datasets takes a second to import and COCO folders do not need it.
+  from sparse_rcnn_jax.data import tfds  # pylint: disable=g-import-not-at-top
+  return tfds.TfdsSource.from_config(data, split)
+
+
+# config.data.source -> (data config, split) -> source. A new kind of dataset is one
+# DetectionSource class (source.py) with a `from_config` and one entry here.
+SOURCES = {
+    "coco": coco.CocoSource.from_config,
+    "tfds": _tfds_source,
+    "synthetic": synthetic.SyntheticSource.from_config,
+}
+
+
 def load_source(config: ml_collections.ConfigDict, split: str) -> source_lib.DetectionSource:
-  """The dataset of split "train" or "eval" named by config.data."""
+  """The dataset of split "train" or "eval" named by config.data (config.data.source)."""
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  if config.source not in SOURCES:
+    raise ValueError(f"config.data.source must be one of {sorted(SOURCES)}, got "
+                     f"{config.source!r}")
+  return SOURCES[config.source](config, split)
+
+
+def has_eval_split(config: ml_collections.ConfigDict) -> bool:
+  """Whether config.data names an evaluation split."""
   if config.source == "coco":
-    ann, images = ((config.train_ann, config.train_images) if split == "train"
-                   else (config.eval_ann, config.eval_images))
-    if not ann or not images:
-      raise ValueError(f"config.data.{split}_ann and config.data.{split}_images must name a "
-                       "COCO instances json and its image folder")
-    return coco.CocoSource(ann, images, config.on_bad_annotation, config.on_bad_image)
-  if config.source == "tfds":
-    # Imported here: tensorflow_datasets takes a second to import and COCO folders do not need it.
-    from sparse_rcnn_jax.data import tfds  # pylint: disable=g-import-not-at-top
-    return tfds.TfdsSource(config.tfds_name,
-                           config.train_split if split == "train" else config.eval_split,
-                           data_dir=config.tfds_data_dir or None)
-  raise ValueError(f"config.data.source must be 'coco' or 'tfds', got {config.source!r}")
+    return bool(config.eval_ann)
+  return config.source != "tfds" or bool(config.tfds_name)
 
 
 def augment_config(config: ml_collections.ConfigDict, split: str) -> transforms.AugmentConfig:

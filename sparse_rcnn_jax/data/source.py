@@ -18,6 +18,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from sparse_rcnn_jax.data import info as info_lib
+
 EXIF_ORIENTATION = 0x0112
 # EXIF orientations 5..8 rotate by 90 degrees: the displayed image has width and height swapped.
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
@@ -63,6 +65,11 @@ class DetectionSource(abc.ABC):
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  @property
+  def info(self) -> info_lib.DatasetInfo:
+    """The classes and category ids, as the rest of the program takes them."""
+    return info_lib.DatasetInfo(tuple(self.class_names), tuple(self.label_to_category_id))
 
   @abc.abstractmethod
   def __len__(self) -> int:

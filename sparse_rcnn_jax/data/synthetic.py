@@ -48,6 +48,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sparse_rcnn_jax.data import coco
+
 CLASS_NAMES = ("disc", "ring", "rectangle", "triangle", "cross")
 CATEGORY_IDS = (1, 3, 5, 7, 9)
 SPLITS = ("train", "val")
@@ -445,6 +447,27 @@ def generate(root: str | os.PathLike, *, num_train: int = 800, num_val: int = 10
   finally:
     shutil.rmtree(partial, ignore_errors=True)
   return SyntheticPaths.under(root)
+
+
+class SyntheticSource(coco.CocoSource):
+  """The embedded set as a dataset source (`config.data.source = "synthetic"`): generated under
+  `config.data.synthetic.root` on first use (reused while its arguments are the same), then read
+  as the COCO folder it is."""
+
+  @classmethod
+  def from_config(cls, data, split: str) -> "SyntheticSource":
+    """Split "train" or "eval" (the generated "val" split) of `config.data`."""
+    # Every field but `root` is a generator argument (SyntheticConfig): the set's size, image
+    # size, seed and difficulty (objects per image, object scales, occlusion) are config data.
+    params = dict(data.synthetic)
+    root = params.pop("root")
+    known = [f.name for f in dataclasses.fields(SyntheticConfig)]
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+      raise ValueError(f"config.data.synthetic has unknown fields {unknown}; the generator "
+                       f"takes {known}")
+    ann, images = generate(root, **params).split("train" if split == "train" else "val")
+    return cls(str(ann), str(images), data.on_bad_annotation, data.on_bad_image)
 
 
 def main(argv: Sequence[str] | None = None):

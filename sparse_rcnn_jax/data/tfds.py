@@ -149,6 +149,12 @@ class TfdsSource(source_lib.DetectionSource):
     self.image_sizes = None if sizes is None else np.array(sizes, np.int32).reshape(-1, 2)
     self.num_boxes = None
 
+  @classmethod
+  def from_config(cls, data, split: str) -> "TfdsSource":
+    """Split "train" or "eval" of `config.data` (tfds_name, {train,eval}_split, tfds_data_dir)."""
+    return cls(data.tfds_name, data.train_split if split == "train" else data.eval_split,
+               data_dir=data.tfds_data_dir or None)
+
   def __len__(self) -> int:
     return len(self._data)
 
