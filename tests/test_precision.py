@@ -138,7 +138,9 @@ def test_head_stage_in_bfloat16_agrees_with_the_official_float32_stage(reference
   assert not np.allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("module,hw", [(tiny, (128, 160)), (r50_100pro_3x, (128, 160))],
+@pytest.mark.parametrize("module,hw", [
+    (tiny, (128, 160)),
+    pytest.param(r50_100pro_3x, (128, 160), marks=pytest.mark.slow)],  # R-50 compiles twice
                          ids=["tiny", "r50_100pro"])
 def test_whole_model_in_bfloat16_agrees_with_float32(module, hw):
   images, whwh = _images(2, *hw)

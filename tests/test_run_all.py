@@ -7,9 +7,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow   # two minutes: three rows, each a fresh process that compiles
 def test_quick_run_writes_the_summary_and_every_row(tmp_path):
   out = tmp_path / "run_all.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
