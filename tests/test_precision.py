@@ -64,16 +64,6 @@ def _images(batch: int, height: int, width: int):
   return images, whwh
 
 
-def _dtypes_in(jaxpr) -> set[str]:
-  """Every dtype produced by an equation of `jaxpr` or of the jaxprs nested in it."""
-  out = set()
-  for eqn in jaxpr.eqns:
-    out.update(str(v.aval.dtype) for v in eqn.outvars if hasattr(v.aval, "dtype"))
-    for sub in jax_core.jaxprs_in_params(eqn.params):
-      out |= _dtypes_in(sub)
-  return out
-
-
 def _eqns(jaxpr, stack: str = ""):
   """(equation, its full name stack) of `jaxpr` and every nested jaxpr, depth first."""
   for eqn in jaxpr.eqns:
@@ -81,6 +71,12 @@ def _eqns(jaxpr, stack: str = ""):
     yield eqn, name
     for sub in jax_core.jaxprs_in_params(eqn.params):
       yield from _eqns(sub, name)
+
+
+def _dtypes_in(jaxpr) -> set[str]:
+  """Every dtype produced by an equation of `jaxpr` or of the jaxprs nested in it."""
+  return {str(v.aval.dtype) for eqn, _ in _eqns(jaxpr) for v in eqn.outvars
+          if hasattr(v.aval, "dtype")}
 
 
 def test_unknown_dtype_is_reported():
