@@ -7,8 +7,9 @@ Only the workdir of a training run is needed: its saved config and dataset info 
 model, the test resize and the class names (--config overrides them). Images are read through
 the same test transform, padding buckets and loader as evaluation, so the predict function
 compiles once per bucket, not once per image size. For each image: NAME.png with labelled
-boxes (scores >= --threshold; the threshold is for drawing only), NAME_stages.png with the
-learned proposals and each stage's boxes (like the paper's Figure 4), and one detections.json
+boxes (scores >= --threshold, or the 3 best, dashed, when none reaches it; the threshold is for
+drawing only), NAME_stages.png with the learned proposals and each stage's boxes (like the
+paper's Figure 4), both enlarged to a short side of at least 480 px, and one detections.json
 with every detection of every image.
 """
 import json
@@ -24,6 +25,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_USE_EMA = flags.DEFINE_bool(
+    "use_ema", True, "Use the moving average of the weights when the run kept one "
+    "(train.ema_decay > 0); false: the trained weights themselves.")
 _IMAGES = flags.DEFINE_list("images", None, "Image files and/or folders of images.")
 _OUT = flags.DEFINE_string("out", "predictions", "Output folder.")
 _THRESHOLD = flags.DEFINE_float("threshold", None, "Minimum score of a drawn box "
@@ -64,7 +68,7 @@ def main(argv):
   mesh = sharding.make_mesh(jax.devices()[:1])
   model = detector.build_model(config.model, info.num_classes)
   variables, step = model_state.restore_variables(model, config, _WORKDIR.value, mesh,
-                                                  _STEP.value)
+                                                  _STEP.value, use_ema=_USE_EMA.value)
   predict_fn = inference.make_predict_fn(model, mesh)
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)

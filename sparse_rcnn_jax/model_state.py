@@ -16,6 +16,7 @@ from flax.training import train_state
 
 from sparse_rcnn_jax import checkpointing
 from sparse_rcnn_jax import detector
+from sparse_rcnn_jax import ema
 from sparse_rcnn_jax import optim
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax.convert import checkpoint_io
@@ -25,10 +26,18 @@ log = logging.getLogger(__name__)
 
 
 class TrainState(train_state.TrainState):
-  """flax's TrainState plus the frozen batch-norm statistics and the RNG. The count of updates
-  skipped in a row for a non-finite loss or gradient lives in `opt_state` (optim.py)."""
+  """flax's TrainState plus the frozen batch-norm statistics, the RNG and the parameters' moving
+  average (ema.py; {} when the run keeps none). The count of updates skipped in a row for a
+  non-finite loss or gradient lives in `opt_state` (optim.py)."""
   batch_stats: Any = None
   rng: jax.Array = None  # raw key data (uint32), checkpointable as an array
+  ema_params: Any = None
+
+  def eval_variables(self, use_ema: bool = True) -> dict:
+    """{"params", "batch_stats"} to evaluate: the moving average of the parameters when the
+    run keeps one and `use_ema`, else the parameters themselves."""
+    params = self.ema_params if use_ema and self.ema_params else self.params
+    return {"params": params, "batch_stats": self.batch_stats}
 
 
 def _random_variables(model, rng, image_shape: tuple[int, int]) -> dict:
@@ -63,12 +72,16 @@ def optimizer(model: detector.SparseRCNN, config: ml_collections.ConfigDict, par
                               num_steps=config.train.num_steps, is_frozen=model.is_frozen)
 
 
-def create_state(model, variables: dict, tx, seed: int) -> TrainState:
-  """The TrainState of `variables` ({"params"[, "batch_stats"]}) updated by `tx`."""
+def create_state(model, variables: dict, tx, seed: int, keep_ema: bool = False) -> TrainState:
+  """The TrainState of `variables` ({"params"[, "batch_stats"]}) updated by `tx`; with
+  `keep_ema` its moving average starts as a copy of the parameters."""
+  params = variables["params"]
   return TrainState.create(
-      apply_fn=model.apply, params=variables["params"], tx=tx,
+      apply_fn=model.apply, params=params, tx=tx,
       batch_stats=variables.get("batch_stats", {}),
-      rng=jax.random.key_data(jax.random.PRNGKey(seed + 1)))
+      rng=jax.random.key_data(jax.random.PRNGKey(seed + 1)),
+      # A copy, not the same buffers: the train step donates the state.
+      ema_params=jax.tree.map(jnp.array, params) if keep_ema else {})
 
 
 def new_state(model: detector.SparseRCNN, config: ml_collections.ConfigDict,
@@ -77,7 +90,7 @@ def new_state(model: detector.SparseRCNN, config: ml_collections.ConfigDict,
   optimizer)."""
   variables = init_variables(model, config, jax.random.PRNGKey(config.seed), image_shape)
   return create_state(model, variables, optimizer(model, config, variables["params"]),
-                      config.seed)
+                      config.seed, keep_ema=ema.from_config(config.train) is not None)
 
 
 def abstract_state(model: detector.SparseRCNN, config: ml_collections.ConfigDict, mesh,
@@ -87,7 +100,7 @@ def abstract_state(model: detector.SparseRCNN, config: ml_collections.ConfigDict
   def build(rng):
     variables = _random_variables(model, rng, image_shape)
     return create_state(model, variables, optimizer(model, config, variables["params"]),
-                        config.seed)
+                        config.seed, keep_ema=ema.from_config(config.train) is not None)
   shapes = jax.eval_shape(build, jax.random.PRNGKey(0))
   replicated = sharding.replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
@@ -95,10 +108,11 @@ def abstract_state(model: detector.SparseRCNN, config: ml_collections.ConfigDict
 
 
 def restore_variables(model: detector.SparseRCNN, config: ml_collections.ConfigDict,
-                      workdir: str | pathlib.Path, mesh, step: int | None = None
-                      ) -> tuple[dict, int]:
+                      workdir: str | pathlib.Path, mesh, step: int | None = None,
+                      use_ema: bool = True) -> tuple[dict, int]:
   """({"params", "batch_stats"}, step) of `model` from the checkpoint of `step` (default: the
-  newest) in `workdir`."""
+  newest) in `workdir`: the moving average of the parameters when the run kept one
+  (train.ema_decay > 0) and `use_ema`, else the parameters."""
   manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
   try:
     restored = checkpointing.restore(manager, abstract_state(model, config, mesh), step)
@@ -107,4 +121,4 @@ def restore_variables(model: detector.SparseRCNN, config: ml_collections.ConfigD
   if restored is None:
     raise FileNotFoundError(f"No checkpoint in {pathlib.Path(workdir) / 'checkpoints'}")
   state, _ = restored
-  return {"params": state.params, "batch_stats": state.batch_stats}, int(state.step)
+  return state.eval_variables(use_ema), int(state.step)

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from sparse_rcnn_jax import checkpointing
 from sparse_rcnn_jax import detector
+from sparse_rcnn_jax import ema as ema_lib
 from sparse_rcnn_jax import losses
 from sparse_rcnn_jax import metric_writer
 from sparse_rcnn_jax import model_state
@@ -32,10 +33,11 @@ from sparse_rcnn_jax.data import pipeline
 log = logging.getLogger(__name__)
 
 
-def train_step(state: model_state.TrainState, batch: dict, *, model, loss_config, mesh, schedule
-               ) -> tuple[model_state.TrainState, dict]:
+def train_step(state: model_state.TrainState, batch: dict, *, model, loss_config, mesh, schedule,
+               ema: ema_lib.EMA | None = None) -> tuple[model_state.TrainState, dict]:
   """One update. A non-finite loss or gradient skips the update (the step still advances):
   `state.tx` from optim.make_optimizer keeps the params and its own moments, and counts it.
+  With `ema`, the parameters' moving average then follows the (possibly unchanged) params.
 
   Args:
     state: replicated model_state.TrainState.
@@ -60,13 +62,17 @@ def train_step(state: model_state.TrainState, batch: dict, *, model, loss_config
   grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
   metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
                  finite=finite.astype(jnp.float32))
-  return state.apply_gradients(grads=grads), metrics
+  new_state = state.apply_gradients(grads=grads)
+  if ema is not None:
+    new_state = new_state.replace(
+        ema_params=ema.update(state.ema_params, new_state.params, new_state.step))
+  return new_state, metrics
 
 
 def make_train_step(model, config, mesh, state: model_state.TrainState) -> Callable:
   """The jitted step with explicit shardings: state replicated, batch split over "data"."""
   step = functools.partial(train_step, model=model, loss_config=config.loss, mesh=mesh,
-                           schedule=state.tx.schedule)
+                           schedule=state.tx.schedule, ema=ema_lib.from_config(config.train))
   state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state)
   return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
                  out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0,

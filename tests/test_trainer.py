@@ -160,6 +160,8 @@ def test_sigkill_then_resume_equals_uninterrupted(baseline, data_root, tmp_path)
   result = dict(np.load(tmp_path / "result.npz"))
   np.testing.assert_array_equal(result["losses"], baseline["losses"])
   np.testing.assert_array_equal(result["param_sums"], baseline["param_sums"])
+  np.testing.assert_array_equal(result["ema_params"], baseline["ema_params"])
+  assert not np.array_equal(result["ema_params"], result["params"])
 
 
 def test_sigterm_saves_and_exits_cleanly(data_root, tmp_path):

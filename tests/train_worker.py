@@ -4,8 +4,8 @@
       [--num_processes=N --process_id=I] [--checkpoint_every=K] [--batch_size=B]
 
 Trains configs/tiny.py on the synthetic set at DATA_ROOT and writes WORKDIR/result.npz (losses
-per step and the final parameters and, with --digest_step, an earlier checkpoint's) from
-process 0.
+per step, the final parameters and their moving average and, with --digest_step, an earlier
+checkpoint's parameters) from process 0.
 """
 import pathlib
 import sys
@@ -31,8 +31,9 @@ def tiny_config(data_root: str, num_steps: int, batch_size: int, checkpoint_ever
   config.data.synthetic = dict(root=data_root, num_train=16, num_val=4, image_size=64, seed=0)
   config.data.update(train_scales=(64,), max_size=64, test_scale=64, batch_size=batch_size,
                      eval_batch_size=batch_size, flip_prob=0.5)
+  # With a moving average of the weights, so resuming is checked to restore it exactly.
   config.train.update(num_steps=num_steps, log_every=1, checkpoint_every=checkpoint_every,
-                      keep_checkpoints=num_steps)
+                      keep_checkpoints=num_steps, ema_decay=0.9, ema_warmup_steps=4)
   return config
 
 
@@ -47,13 +48,13 @@ def main(argv):
   from sparse_rcnn_jax.data import info as info_lib
   config = tiny_config(data_root, num_steps, _BATCH.value, _CHECKPOINT_EVERY.value)
   state = trainer.train(config, workdir)
-  digests = {"": state.params}
+  digests = {"": state.params, "ema_": state.ema_params}
   if _DIGEST_STEP.value:
     from sparse_rcnn_jax import sharding
     from sparse_rcnn_jax import detector, model_state
     model = detector.build_model(config.model, info_lib.DatasetInfo.load(workdir).num_classes)
     variables, _ = model_state.restore_variables(model, config, workdir, sharding.make_mesh(),
-                                                 step=_DIGEST_STEP.value)
+                                                 step=_DIGEST_STEP.value, use_ema=False)
     digests["early_"] = variables["params"]
   if jax.process_index() == 0:
     records = metric_writer.read_metrics(pathlib.Path(workdir) / "metrics.jsonl")
