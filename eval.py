@@ -4,11 +4,16 @@
   python eval.py --config workdirs/synthetic/config.py --workdir workdirs/synthetic \
       --config.data.eval_ann=moved/val.json --config.data.eval_images=moved/images
   python eval.py --config configs/r50_100pro_3x.py --checkpoint model_final.pth   # official
+  python eval.py --workdir workdirs/bccd --tta        # test-time augmentation (config.tta)
 
 With --workdir the newest checkpoint there (or --step) is evaluated, with the config the run
 saved there unless --config is given; --checkpoint takes an official Sparse R-CNN checkpoint
-(.pth or .npz) and needs --config. Writes the COCO detections json and the metrics next to the
-checkpoint (or to --out) and prints the AP table with per-class AP.
+(.pth or .npz) and needs --config. A run that kept a moving average of its weights
+(train.ema_decay > 0) is evaluated with it; --use_ema=false evaluates the trained weights
+(files named ..._raw). Writes the COCO detections json and the metrics next to the
+checkpoint (or to --out) and prints the AP table with per-class AP. --tta evaluates with
+the official test-time augmentation (several scales, mirrored, merged by soft voting:
+sparse_rcnn_jax/tta.py) and names its files ..._tta.
 """
 import json
 import pathlib
@@ -24,9 +29,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_USE_EMA = flags.DEFINE_bool(
+    "use_ema", True, "Use the moving average of the weights when the run kept one "
+    "(train.ema_decay > 0); false: the trained weights themselves.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "An official Sparse R-CNN checkpoint (.pth / .npz).")
 _OUT = flags.DEFINE_string("out", None, "Where to write results (default: the workdir).")
+_TTA = flags.DEFINE_bool("tta", False, "Evaluate with test-time augmentation (config.tta).")
 
 
 def main(argv):
@@ -40,6 +49,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   import jax
   from sparse_rcnn_jax import detector, evaluation, inference, model_state, run_files, sharding
+  from sparse_rcnn_jax import tta
   from sparse_rcnn_jax.convert import checkpoint_io, official
   from sparse_rcnn_jax.data import info as info_lib
   from sparse_rcnn_jax.data import pipeline
@@ -60,16 +70,21 @@ def main(argv):
     info = info_lib.DatasetInfo.load(_WORKDIR.value)
     model = detector.build_model(config.model, info.num_classes)
     variables, step = model_state.restore_variables(model, config, _WORKDIR.value, mesh,
-                                                    _STEP.value)
-    name, out = f"step{step}", pathlib.Path(_OUT.value or _WORKDIR.value)
+                                                    _STEP.value, use_ema=_USE_EMA.value)
+    raw = not _USE_EMA.value and config.train.ema_decay > 0  # Not the run's default weights.
+    name, out = f"step{step}{'_raw' if raw else ''}", pathlib.Path(_OUT.value or _WORKDIR.value)
   if source.info != info:
     raise app.UsageError(f"The eval split's classes {source.class_names} are not the model's "
                          f"{info.class_names}.")
   out.mkdir(parents=True, exist_ok=True)
   model = detector.build_model(config.model, info.num_classes)
-  predict_fn = inference.make_predict_fn(model, mesh)
-  metrics = inference.evaluate_split(predict_fn, variables, config, mesh, source,
-                                     results_path=out / f"detections_{name}.json")
+  if _TTA.value:
+    name, evaluate = f"{name}_tta", tta.evaluate_split
+    predict_fn = tta.make_predict_fn(model, mesh, tta.TtaSettings.from_config(config).flip)
+  else:
+    predict_fn, evaluate = inference.make_predict_fn(model, mesh), inference.evaluate_split
+  metrics = evaluate(predict_fn, variables, config, mesh, source,
+                     results_path=out / f"detections_{name}.json")
   if jax.process_index() == 0:
     print(evaluation.format_table(metrics))
     (out / f"eval_{name}.json").write_text(json.dumps(metrics, indent=1))

@@ -78,7 +78,25 @@ def get_config() -> ml_collections.ConfigDict:
       weight_decay=1e-4, clip_norm=1.0, warmup_steps=1000, warmup_factor=0.01,
       decay_at=(210_000 / 270_000, 250_000 / 270_000), decay_factor=0.1))
 
+  # ema_decay: a moving average of the parameters, evaluated instead of them (0: off, as the
+  # official recipe; DiffusionDet's value is 0.999), with an optional warm-up of
+  # ema_warmup_steps (decay * (1 - exp(-step / warmup)); 0: none). sparse_rcnn_jax/ema.py.
   config.train = ml_collections.ConfigDict(dict(
       num_steps=270_000, log_every=20, checkpoint_every=5000,
-      keep_checkpoints=3, eval_every=0, max_nonfinite_in_a_row=20))
+      keep_checkpoints=3, eval_every=0, max_nonfinite_in_a_row=20,
+      ema_decay=0.0, ema_warmup_steps=0))
+
+  # Test-time augmentation, `eval.py --tta` (sparse_rcnn_jax/tta.py; docs/model.md, section 10):
+  # the official TEST.AUG settings. Each short side of min_sizes (long side at most max_size),
+  # plain and, with flip, mirrored; scale_ranges: one (lo, hi) per short side, boxes kept only
+  # if lo^2 < area < hi^2 in the augmented image's pixels (() for no filter); boxes of one
+  # class with IoU >= vote_iou are merged by soft voting; max_detections per image (0: the
+  # number of proposals).
+  config.tta = ml_collections.ConfigDict(dict(
+      min_sizes=(400, 500, 600, 640, 700, 900, 1000, 1100, 1200, 1300, 1400, 1800, 800),
+      max_size=4000, flip=True,
+      scale_ranges=((96, 10000), (96, 10000), (64, 10000), (64, 10000), (64, 10000),
+                    (0, 10000), (0, 10000), (0, 256), (0, 256), (0, 192), (0, 192), (0, 96),
+                    (0, 10000)),
+      vote_iou=0.65, max_detections=0))
   return config

@@ -4,7 +4,7 @@ Batches are split over the mesh's "data" axis like training; detections are gath
 every host so the lead host can write one results file and run COCOeval on it.
 """
 import logging
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -51,14 +51,22 @@ def _gather(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def gathered_predictions(predict_fn, variables, batches: Iterable[dict], mesh,
+                         keys: Sequence[str]) -> Iterator[tuple[dict, dict]]:
+  """Runs `predict_fn` on each host-local batch; yields (its outputs named in `keys`, the batch's
+  "image_id", "valid" and "orig_size"), each the whole global batch as NumPy on every host."""
+  for batch in batches:
+    dets = predict_fn(variables, pipeline.make_global_batch(batch, mesh))
+    yield (_gather({k: dets[k] for k in keys}),
+           _gather({k: batch[k] for k in ("image_id", "valid", "orig_size")}))
+
+
 def predict_dataset(predict_fn, variables, batches: Iterable[dict], mesh,
                     label_to_category_id) -> list[dict]:
   """COCO-format detections for every valid image of `batches` (host-local batches)."""
   results = []
-  for batch in batches:
-    dets = predict_fn(variables, pipeline.make_global_batch(batch, mesh))
-    dets = _gather({k: dets[k] for k in ("boxes", "scores", "labels", "valid")})
-    local = _gather({"image_id": batch["image_id"], "valid": batch["valid"]})
+  for dets, local in gathered_predictions(predict_fn, variables, batches, mesh,
+                                          ("boxes", "scores", "labels", "valid")):
     valid = np.asarray(dets["valid"]) & np.asarray(local["valid"])[:, None]
     results += evaluation.detections_to_coco(local["image_id"], dets["boxes"], dets["scores"],
                                              dets["labels"], valid, label_to_category_id)

@@ -128,14 +128,17 @@ class Planner:
   """What is common to the train and eval plans: hosts, predicted sizes, bucket per batch."""
 
   def __init__(self, source: source_lib.DetectionSource, config: ml_collections.ConfigDict,
-               split: str, global_batch: int, process_index: int, process_count: int):
+               split: str, global_batch: int, process_index: int, process_count: int,
+               resize: tuple[transforms.AugmentConfig, Sequence[Shape]] | None = None):
     if global_batch % process_count:
       raise ValueError(f"The global {split} batch size {global_batch} does not divide by the "
                        f"{process_count} hosts")
     self.num_images = len(source)
     self.sizes = source.image_sizes
-    self.augment = augment_config(config, split)
-    self.buckets = batch_shapes(config, split)
+    if resize is None:
+      self.augment, self.buckets = augment_config(config, split), batch_shapes(config, split)
+    else:
+      self.augment, self.buckets = resize[0], list(resize[1])
     self.group = config.group_by_aspect and self.sizes is not None
     self.global_batch = global_batch
     self.local_batch = global_batch // process_count
@@ -312,12 +315,13 @@ def _iterate(plan: Sequence[PlannedBatch], loader: BatchLoader,
 
 
 def _make(config: ml_collections.ConfigDict, source: source_lib.DetectionSource, split: str,
-          process_index: int | None, process_count: int | None
+          process_index: int | None, process_count: int | None,
+          resize: tuple[transforms.AugmentConfig, Sequence[Shape]] | None = None
           ) -> tuple[Planner, BatchLoader]:
   process_index, process_count = _hosts(process_index, process_count)
   _check_max_boxes(source, config.max_boxes)
   batch = config.batch_size if split == "train" else config.eval_batch_size
-  planner = Planner(source, config, split, batch, process_index, process_count)
+  planner = Planner(source, config, split, batch, process_index, process_count, resize)
   loader = BatchLoader(source, planner.augment, planner.buckets, config.max_boxes,
                        config.on_bad_image)
   logging.info("%s batches: %d images, global batch %d (%d on this host), %d shapes %s%s",
@@ -338,10 +342,15 @@ def train_iterator(config: ml_collections.ConfigDict, source: source_lib.Detecti
 
 
 def eval_iterator(config: ml_collections.ConfigDict, source: source_lib.DetectionSource,
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> grain.DatasetIterator:
-  """One ordered pass of test-resized host batches, the last completed with valid=False."""
-  planner, loader = _make(config, source, "eval", process_index, process_count)
+                  process_index: int | None = None, process_count: int | None = None,
+                  resize: tuple[transforms.AugmentConfig, Sequence[Shape]] | None = None
+                  ) -> grain.DatasetIterator:
+  """One ordered pass of test-resized host batches, the last completed with valid=False.
+
+  `resize` = (AugmentConfig, bucket shapes) resizes and pads otherwise than the config's test
+  resize (test-time augmentation evaluates at several scales: tta.py).
+  """
+  planner, loader = _make(config, source, "eval", process_index, process_count, resize)
   return _iterate(EvalPlan(planner), loader, config)
 
 
