@@ -86,6 +86,14 @@ def _axis_samples(start, end, length, output_size: int, sampling_ratio: int):
 IMPLS = ("auto", "gather", "separable")
 
 
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+  """`impl` with "auto" made concrete for `platform` (default: jax's default backend):
+  "separable" on TPU, "gather" elsewhere."""
+  if impl != "auto":
+    return impl
+  return "separable" if (platform or jax.default_backend()) == "tpu" else "gather"
+
+
 def _level_samples(boxes, levels, sizes, strides, output_size: int, sampling_ratio: int):
   """Bilinear taps along y and x of every box on its own level.
 
@@ -247,7 +255,5 @@ def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array, *,
   strides = [2**level for level in levels]
   y_samples, x_samples = _level_samples(boxes, assigned, sizes, strides, output_size,
                                         sampling_ratio)
-  if impl == "auto":
-    impl = "separable" if jax.default_backend() == "tpu" else "gather"
-  pool = _roi_align_gather if impl == "gather" else _roi_align_separable
+  pool = _roi_align_gather if resolve_impl(impl) == "gather" else _roi_align_separable
   return pool(features, assigned, y_samples, x_samples, output_size, sampling_ratio), assigned

@@ -1,0 +1,95 @@
+"""Exports a trained Sparse R-CNN as one self-contained program that runs without this package.
+
+  python export.py --workdir workdirs/synthetic --out model.jaxexport
+  python export.py --workdir workdirs/r50 --out r50.jaxexport --batch 8 --platforms cuda
+
+Writes OUT, the whole inference (uint8 RGB images [B, H, W, 3] zero-padded bottom/right, and
+image_whwh [B, 4] float32 (w, h, w, h) of each unpadded image -> "scores" [B, K], "labels"
+[B, K], "boxes" [B, K, 4] absolute xyxy in input pixels) serialized by jax.export with the
+weights inside (sparse_rcnn_jax/serving.py says why), and OUT.json beside it
+(model.jaxexport.json): the class name and category id of each label, the input contract and
+the model dtype. Any process with jax runs it:
+
+  exp = jax.export.deserialize(bytearray(open("model.jaxexport", "rb").read()))
+  out = exp.call(images, image_whwh)
+
+The batch is symbolic (any size) unless --batch fixes it. H and W default to the padded size
+of the run's evaluation (config.data.test_scale x max_size rounded up to multiples of 32) and
+must be multiples of 32. --platforms lowers for other platforms than this machine's (cpu,
+cuda, rocm, tpu); the run's --config can be overridden as in predict.py.
+"""
+import json
+import pathlib
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (default: the one saved in --workdir).",
+    lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+_OUT = flags.DEFINE_string("out", None, "The artifact to write; OUT.json goes beside it.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_USE_EMA = flags.DEFINE_bool(
+    "use_ema", True, "Use the moving average of the weights when the run kept one "
+    "(train.ema_decay > 0); false: the trained weights themselves.")
+_HEIGHT = flags.DEFINE_integer("height", None, "Padded image height, a multiple of 32 "
+                               "(default: from config.data.test_scale / max_size).")
+_WIDTH = flags.DEFINE_integer("width", None, "Padded image width, a multiple of 32 "
+                              "(default: from config.data.test_scale / max_size).")
+_BATCH = flags.DEFINE_integer("batch", None, "A fixed batch size (default: symbolic, any).")
+_PLATFORMS = flags.DEFINE_list("platforms", None, "Platforms to lower for: cpu, cuda, rocm, "
+                               "tpu (default: this machine's).")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def sidecar_path(out: pathlib.Path) -> pathlib.Path:
+  """Where the labels and the input contract go: OUT.json (model.jaxexport.json)."""
+  return out.with_name(out.name + ".json")
+
+
+def main(argv):
+  del argv
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from sparse_rcnn_jax import cli, model_state, run_files, serving, sharding
+  from sparse_rcnn_jax.data import info as info_lib
+
+  cli.setup_logging()
+  out = pathlib.Path(_OUT.value)
+  platforms = tuple(_PLATFORMS.value or (jax.export.default_export_platform(),))
+  try:
+    config = run_files.config_for(_CONFIG.value, _WORKDIR.value)
+    info = info_lib.DatasetInfo.load(_WORKDIR.value)
+    height, width = serving.default_image_size(config.data)
+    height = height if _HEIGHT.value is None else _HEIGHT.value
+    width = width if _WIDTH.value is None else _WIDTH.value
+    model = serving.serving_model(config.model, info.num_classes, platforms)
+    serving.check_input_shape(model, height, width, _BATCH.value)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    variables, step = model_state.restore_variables(model, config, _WORKDIR.value, mesh,
+                                                    _STEP.value, use_ema=_USE_EMA.value)
+  except (FileNotFoundError, ValueError) as error:
+    raise app.UsageError(str(error)) from error
+
+  exported = serving.export_detector(model, variables, height, width, _BATCH.value, platforms)
+  blob = serving.serialize(exported)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_bytes(blob)
+  record = serving.contract(exported, config.model, config.data, info,
+                            serving.size_divisibility(model))
+  ema = _USE_EMA.value and config.train.get("ema_decay", 0.0) > 0
+  record["checkpoint"] = {"workdir": str(pathlib.Path(_WORKDIR.value).resolve()),
+                          "step": step, "weights": "moving average" if ema else "trained"}
+  sidecar_path(out).write_text(json.dumps(record, indent=1))
+  images, image_whwh = exported.in_avals
+  print(f"Exported step {step} ({record['checkpoint']['weights']} weights, "
+        f"{config.model.dtype}, {info.num_classes} classes) for {','.join(exported.platforms)}: "
+        f"images {images.str_short()} + image_whwh {image_whwh.str_short()} -> "
+        f"{config.model.num_proposals} detections per image; {len(blob) / 2**20:.1f} MiB -> "
+        f"{out} (labels and input contract: {sidecar_path(out)})")
+
+
+if __name__ == "__main__":
+  app.run(main)
