@@ -15,6 +15,7 @@ import numpy as np
 from sparse_rcnn_jax import detector
 from sparse_rcnn_jax import evaluation
 from sparse_rcnn_jax import inference
+from sparse_rcnn_jax import metric_writer
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax import trainer
 from sparse_rcnn_jax import visualize
@@ -24,14 +25,16 @@ from sparse_rcnn_jax.data import pipeline
 log = logging.getLogger(__name__)
 
 
-def _variables(state) -> dict:
-  return {"params": state.params, "batch_stats": state.batch_stats}
+def _eval_scalars(metrics: dict) -> dict:
+  """The numbers of an evaluation, as logged to metrics.jsonl: {"eval/AP": ..., ...}."""
+  return {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def draw_examples(predict_fn, variables, config, mesh, source, workdir: pathlib.Path,
                   num_images: int = 4) -> list[pathlib.Path]:
-  """Detections (score >= config.display_threshold) and a Figure-4 strip of per-stage boxes
-  for a few eval images, drawn on the resized images the model saw."""
+  """Detections (score >= config.display_threshold, else the few best, dashed) and a Figure-4
+  strip of per-stage boxes for a few eval images, drawn on the resized images the model saw,
+  enlarged to a readable size (visualize.save_prediction)."""
   batch = next(iter(pipeline.eval_iterator(config.data, source)))
   dets = jax.device_get(predict_fn(variables, pipeline.make_global_batch(batch, mesh)))
   paths = []
@@ -64,21 +67,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return inference.make_predict_fn(detector.build_model(config.model, info.num_classes), mesh)
 
   def evaluate_fn(state, step):
-    metrics = inference.evaluate_split(predict_fn(), _variables(state), config, mesh,
+    metrics = inference.evaluate_split(predict_fn(), state.eval_variables(), config, mesh,
                                        eval_source)
     log.info("step %d: AP %.4f AP50 %.4f", step, metrics["AP"], metrics["AP50"])
-    return {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    return _eval_scalars(metrics)
 
   state = trainer.train(config, workdir, evaluate_fn if evaluate else None)
+  # The final evaluation joins the curves, and metrics.png is drawn once more at the end.
+  curves = metric_writer.MetricWriter(workdir, plot_every_s=None)
   if not evaluate:
+    curves.plot()
     return None
-  step = int(state.step)
-  metrics = inference.evaluate_split(predict_fn(), _variables(state), config, mesh, eval_source,
+  step, variables = int(state.step), state.eval_variables()
+  metrics = inference.evaluate_split(predict_fn(), variables, config, mesh, eval_source,
                                      results_path=workdir / f"detections_step{step}.json")
   if jax.process_index() == 0:
-    print(f"\nCOCO evaluation at step {step} ({metrics['num_images']} images):")
+    weights = ", the weights' moving average" if state.ema_params else ""
+    print(f"\nCOCO evaluation at step {step} ({metrics['num_images']} images{weights}):")
     print(evaluation.format_table(metrics))
     (workdir / f"eval_step{step}.json").write_text(json.dumps(metrics, indent=1))
-    paths = draw_examples(predict_fn(), _variables(state), config, mesh, eval_source, workdir)
-    print("Pictures: " + ", ".join(str(p) for p in paths))
+    curves.write(step, _eval_scalars(metrics))
+    paths = draw_examples(predict_fn(), variables, config, mesh, eval_source, workdir)
+    paths.append(curves.plot())
+    print("Pictures: " + ", ".join(str(p) for p in paths if p is not None))
   return metrics

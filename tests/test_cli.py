@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sparse_rcnn_jax import visualize
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 600
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR@100")
@@ -36,7 +38,9 @@ def _config_flags(data_root: pathlib.Path) -> list[str]:
       "model.num_proposals": 8, "model.num_stages": 2, "model.hidden_dim": 32,
       "model.dim_feedforward": 64, "model.num_heads": 2, "model.dim_dynamic": 8,
       "model.backbone.width": 8, "train.num_steps": 3, "train.log_every": 1,
-      "train.checkpoint_every": 2, "optimizer.warmup_steps": 1}
+      "train.checkpoint_every": 2, "optimizer.warmup_steps": 1,
+      # Keeps a moving average of the weights: evaluated by default, --use_ema=false for the raw.
+      "train.ema_decay": 0.5}
   return ["--config", str(ROOT / "configs" / "synthetic.py")] + [
       f"--config.{k}={v}" for k, v in overrides.items()]
 
@@ -52,7 +56,7 @@ def trained(tmp_path_factory):
 def test_train_prints_the_table_and_writes_results(trained):
   base, _, proc = trained
   work = base / "work"
-  assert "COCO evaluation at step 3 (6 images)" in proc.stdout
+  assert "COCO evaluation at step 3 (6 images" in proc.stdout
   for name in METRICS:
     assert name in proc.stdout
   metrics = json.loads((work / "eval_step3.json").read_text())
@@ -86,6 +90,18 @@ def test_eval_reproduces_the_training_evaluation(trained, tmp_path):
     assert ours[name] == pytest.approx(theirs[name], abs=1e-6)
 
 
+def test_eval_without_the_moving_average_evaluates_the_trained_weights(trained, tmp_path):
+  base, flags, proc = trained
+  assert "the weights' moving average" in proc.stdout
+  _run("eval.py", *flags, "--workdir", str(base / "work"), "--out", str(tmp_path),
+       "--use_ema=false")
+  raw = json.loads((tmp_path / "detections_step3_raw.json").read_text())
+  averaged = json.loads((base / "work" / "detections_step3.json").read_text())
+  assert json.loads((tmp_path / "eval_step3_raw.json").read_text())["num_images"] == 6
+  assert raw and averaged
+  assert {d["score"] for d in raw}.isdisjoint(d["score"] for d in averaged)
+
+
 def test_predict_draws_images_and_writes_detections(trained, tmp_path):
   base, flags, _ = trained
   images = sorted((base / "data").rglob("*.png"))[:2] or sorted((base / "data").rglob("*.jpg"))[:2]
@@ -95,7 +111,12 @@ def test_predict_draws_images_and_writes_detections(trained, tmp_path):
               "--threshold", "0.0")
   assert "2 image(s)" in proc.stdout
   for image in images:
-    assert Image.open(tmp_path / "pred" / f"{image.stem}.png").size == Image.open(image).size
+    # Drawn enlarged by a whole factor, so that labels are legible on small images.
+    width, height = Image.open(image).size
+    factor = visualize.upscale_factor(height, width)
+    assert factor > 1
+    assert Image.open(tmp_path / "pred" / f"{image.stem}.png").size == (factor * width,
+                                                                        factor * height)
     assert (tmp_path / "pred" / f"{image.stem}_stages.png").exists()
   records = json.loads((tmp_path / "pred" / "detections.json").read_text())
   assert {r["file"] for r in records} == set(map(str, images))
@@ -149,7 +170,7 @@ def test_bfloat16_with_the_device_matcher_trains_and_evaluates(trained, tmp_path
   work = tmp_path / "work"
   proc = _run("train.py", *flags, "--workdir", str(work), "--config.model.dtype=bfloat16",
               "--config.loss.matcher=device")
-  assert "COCO evaluation at step 3 (6 images)" in proc.stdout
+  assert "COCO evaluation at step 3 (6 images" in proc.stdout
   records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
   losses = [r["loss"] for r in records if "loss" in r]
   assert len(losses) == 3 and np.isfinite(losses).all()

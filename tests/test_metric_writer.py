@@ -45,3 +45,34 @@ def test_command_prints_the_curve_and_explains_a_missing_workdir(tmp_path, capsy
   assert out[2:] == ["| 1-2 | 7.5 |", "| 3-4 | 2.917 |"]
   with pytest.raises(SystemExit, match="not a training workdir"):
     metric_writer.main([str(tmp_path / "nowhere")])
+
+
+def test_curves_are_redrawn_after_an_evaluation_and_when_the_interval_has_passed(tmp_path):
+  png = tmp_path / "metrics.png"
+  writer = metric_writer.MetricWriter(tmp_path, plot_every_s=3600)
+  writer.write(1, {"loss": 3.0})
+  assert not png.exists()  # Within the interval: not yet.
+  writer.write(1, {"eval/AP": 0.1})
+  assert png.exists()
+  png.unlink()
+  every_write = metric_writer.MetricWriter(tmp_path, plot_every_s=0)
+  every_write.write(2, {"loss": 2.0})
+  assert png.exists()
+  png.unlink()
+  on_demand = metric_writer.MetricWriter(tmp_path, plot_every_s=None)
+  on_demand.write(3, {"eval/AP": 0.2})
+  assert not png.exists()
+  assert on_demand.plot() == png and png.exists()
+
+
+def test_a_failed_drawing_is_logged_and_training_goes_on(tmp_path, monkeypatch, caplog):
+  from sparse_rcnn_jax import plots  # pylint: disable=g-import-not-at-top
+
+  def broken(path):
+    raise RuntimeError(f"cannot draw {path}")
+
+  monkeypatch.setattr(plots, "save_curves", broken)
+  writer = metric_writer.MetricWriter(tmp_path, plot_every_s=0)
+  writer.write(1, {"loss": 1.0})
+  assert writer.plot() is None and "Could not draw the curves" in caplog.text
+  assert metric_writer.read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1.0}]
