@@ -196,7 +196,7 @@ def test_nonfinite_loss_skips_then_stops_keeping_last_good_checkpoint(data_root,
 
   mesh = sharding.make_mesh()
   model = detector.build_model(config.model, info_lib.DatasetInfo.load(tmp_path).num_classes)
-  variables, step = model_state.restore_variables(model, config, tmp_path, mesh)
+  variables, step = model_state.restore_variables(model, config, tmp_path, mesh, use_ema=False)
   assert step == 6  # steps 5 and 6 were skipped, and 6 was saved with the params of step 4
   for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(good_params)):
     np.testing.assert_array_equal(np.asarray(a), b)
