@@ -13,6 +13,22 @@ import jax
 import jax.numpy as jnp
 
 
+def top_k(pred_logits, pred_boxes, k: int):
+  """The k highest of the N * C sigmoid scores (module docstring), boxes as they are.
+
+  Args:
+    pred_logits: [B, N, C] class logits; pred_boxes: [B, N, 4] absolute xyxy.
+  Returns:
+    scores [B, k] descending, labels [B, k] int32, boxes [B, k, 4] (pred_boxes' pixels, not
+    clipped), proposal [B, k] int32.
+  """
+  batch, num, num_classes = pred_logits.shape
+  scores, index = jax.lax.top_k(jax.nn.sigmoid(pred_logits).reshape(batch, num * num_classes), k)
+  proposal = (index // num_classes).astype(jnp.int32)
+  boxes = jnp.take_along_axis(pred_boxes, proposal[..., None], axis=1)
+  return scores, (index % num_classes).astype(jnp.int32), boxes, proposal
+
+
 def postprocess(pred_logits, pred_boxes, image_whwh, orig_size, num_detections: int | None = None):
   """Turns the last stage's outputs into detections in original-image pixels.
 
@@ -27,11 +43,8 @@ def postprocess(pred_logits, pred_boxes, image_whwh, orig_size, num_detections: 
     xyxy in original-image pixels clipped to the image, "proposal_index" [B, k] int32, and
     "valid" [B, k] bool (False for boxes empty after clipping).
   """
-  batch, num, num_classes = pred_logits.shape
-  k = num if num_detections is None else num_detections
-  scores, index = jax.lax.top_k(jax.nn.sigmoid(pred_logits).reshape(batch, num * num_classes), k)
-  proposal = index // num_classes
-  boxes = jnp.take_along_axis(pred_boxes, proposal[..., None], axis=1)
+  k = pred_logits.shape[1] if num_detections is None else num_detections
+  scores, labels, boxes, proposal = top_k(pred_logits, pred_boxes, k)
   orig_h = orig_size[:, 0].astype(boxes.dtype)
   orig_w = orig_size[:, 1].astype(boxes.dtype)
   scale = jnp.stack([orig_w / image_whwh[:, 0], orig_h / image_whwh[:, 1]] * 2, axis=-1)
@@ -39,5 +52,5 @@ def postprocess(pred_logits, pred_boxes, image_whwh, orig_size, num_detections: 
   limit = jnp.stack([orig_w, orig_h] * 2, axis=-1)[:, None, :]
   boxes = jnp.clip(boxes, 0.0, limit)
   valid = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
-  return {"scores": scores, "labels": (index % num_classes).astype(jnp.int32), "boxes": boxes,
-          "proposal_index": proposal.astype(jnp.int32), "valid": valid}
+  return {"scores": scores, "labels": labels, "boxes": boxes, "proposal_index": proposal,
+          "valid": valid}

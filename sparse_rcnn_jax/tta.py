@@ -45,6 +45,7 @@ import tqdm
 
 from sparse_rcnn_jax import evaluation
 from sparse_rcnn_jax import inference
+from sparse_rcnn_jax import postprocess
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax import xla_cpu
 from sparse_rcnn_jax.data import batching
@@ -116,22 +117,6 @@ def flip_images(images: jax.Array, widths: jax.Array) -> jax.Array:
   return jnp.where((source >= 0)[:, None, :, None], mirrored, jnp.zeros((), images.dtype))
 
 
-def top_detections(pred_logits: jax.Array, pred_boxes: jax.Array,
-                   k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The k highest of the N * C sigmoid scores, as postprocess.py, boxes left unclipped.
-
-  Args:
-    pred_logits: [B, N, C] class logits.
-    pred_boxes: [B, N, 4] absolute xyxy.
-  Returns:
-    scores [B, k] descending, labels [B, k] int32, boxes [B, k, 4] in pred_boxes' pixels.
-  """
-  batch, num, num_classes = pred_logits.shape
-  scores, index = jax.lax.top_k(jax.nn.sigmoid(pred_logits).reshape(batch, num * num_classes), k)
-  boxes = jnp.take_along_axis(pred_boxes, (index // num_classes)[..., None], axis=1)
-  return scores, (index % num_classes).astype(jnp.int32), boxes
-
-
 def scale_filter(boxes, scale_range):
   """Which boxes [..., 4] (xyxy) have lo^2 < area < hi^2; scale_range [..., 2] = (lo, hi)
   broadcasts against boxes[..., 0]. NumPy or jax arrays."""
@@ -172,7 +157,7 @@ def make_predict_fn(model, mesh, flip: bool) -> Callable:
       images = flip_images(batch["image"], widths) if mirrored else batch["image"]
       out = model.apply(variables, images, batch["image_whwh"])
       logits, boxes = out["pred_logits"][-1], out["pred_boxes"][-1]
-      scores, labels, boxes = top_detections(logits, boxes, logits.shape[1])
+      scores, labels, boxes, _ = postprocess.top_k(logits, boxes, logits.shape[1])
       passes.append({
           "boxes": to_original(boxes, batch["image_whwh"], batch["orig_size"], mirrored),
           "scores": scores, "labels": labels,
