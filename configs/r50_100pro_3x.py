@@ -1,10 +1,10 @@
 """Sparse R-CNN, ResNet-50 FPN, 100 proposals, 3x schedule: the official recipe (42.8 AP).
 
   python train.py --config configs/r50_100pro_3x.py --workdir workdirs/r50_100pro_3x \
-      --config.data.train_ann=coco/annotations/instances_train2017.json \
-      --config.data.train_images=coco/train2017 \
-      --config.data.eval_ann=coco/annotations/instances_val2017.json \
-      --config.data.eval_images=coco/val2017
+      --config.data.coco_root=coco
+
+with coco/ as COCO ships it (annotations/instances_{train,val}2017.json, train2017/, val2017/);
+data.train_ann, data.train_images, data.eval_ann and data.eval_images name the files one by one.
 
 Every other recipe starts from this file and overrides fields; any field can also be
 overridden on the command line, e.g. --config.model.num_proposals=300.

@@ -81,8 +81,8 @@ def evaluate_split(predict_fn, variables, config: ml_collections.ConfigDict, mes
   Returns the metrics of evaluation.evaluate (AP, AP50, ..., per-class AP). The lead host
   writes the detections to `results_path` if given.
   """
-  results = predict_dataset(predict_fn, variables, pipeline.eval_iterator(config.data, source),
-                            mesh, source.label_to_category_id)
+  batches = pipeline.SkipReport(source, "eval").follow(pipeline.eval_iterator(config.data, source))
+  results = predict_dataset(predict_fn, variables, batches, mesh, source.label_to_category_id)
   if results_path is not None and jax.process_index() == 0:
     evaluation.write_results(results, results_path)
   return evaluation.evaluate(source.coco_gt(), results, class_names=source.class_names,

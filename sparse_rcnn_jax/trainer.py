@@ -160,7 +160,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     state, data_state = restored
     batches.set_state(data_state)
     log.info("Resumed from step %d in %s", int(state.step), workdir)
-  batches = pipeline.DevicePrefetch(batches, mesh)
+  skips = pipeline.SkipReport(source, "train")
+  batches = pipeline.DevicePrefetch(batches, mesh, skips=skips)
   step_fn = make_train_step(model, config, mesh, state)
   writer = metric_writer.MetricWriter(workdir)
   preemption = Preemption(manager)
@@ -201,6 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         log.warning("Stopped at step %d after a signal; checkpoint saved.", done)
         break
   finally:
+    skips.close()
     manager.wait_until_finished()
     manager.close()
     preemption.restore()

@@ -104,9 +104,15 @@ BAD_ANNOTATIONS = {
 def test_bad_annotations_fail_naming_the_annotation_or_are_skipped(tmp_path, case):
   good = {"id": 1, "image_id": 1, "category_id": 3, "bbox": [4, 6, 20, 12]}
   ann_path, image_dir = make_coco_folder(tmp_path, annotations=[good, BAD_ANNOTATIONS[case]])
-  with pytest.raises(ValueError, match=r"instances\.json: annotation 99 .*on_bad_annotation"):
+  with pytest.raises(source_lib.DataError,
+                     match=r"(?s)1 of the 2 annotations of .*instances\.json are bad:.*"
+                     r"annotation 99 .*on_bad_annotation='skip'"):
     coco.CocoSource(ann_path, image_dir)
   source = coco.CocoSource(ann_path, image_dir, on_bad_annotation="skip")
+  if case == "outside image":  # Crosses the border: clipped to the 64 x 48 image, and counted.
+    assert source.table.num_clipped == 1
+    np.testing.assert_allclose(source.example(0).boxes, [[4, 6, 24, 18], [50, 10, 64, 15]])
+    return
   assert len(source.coco_gt()["annotations"]) == 1
   np.testing.assert_allclose(source.example(0).boxes, [[4, 6, 24, 18]])
 
@@ -140,7 +146,8 @@ def test_missing_annotation_file_is_named(tmp_path):
 def test_missing_image_files_are_skipped_with_their_boxes_or_fail_by_policy(tmp_path):
   ann_path, image_dir = make_coco_folder(tmp_path)
   (pathlib.Path(image_dir) / "0001.jpg").unlink()
-  with pytest.raises(source_lib.BadImageError, match=r"0001\.jpg.*does not exist"):
+  with pytest.raises(source_lib.DataError,
+                     match=r"(?s)1 of the 3 images .*1 x missing file.*0001\.jpg.*does not exist"):
     coco.CocoSource(ann_path, image_dir, on_bad_image="error")
   source = coco.CocoSource(ann_path, image_dir)
   assert source.table.image_ids.tolist() == [2, 3]

@@ -4,8 +4,11 @@ Fields (override any on the command line, e.g. `--config.data.batch_size=8`):
   source: "coco" (a COCO-format folder), "tfds" (a TensorFlow Datasets dataset) or
     "synthetic" (the embedded set, generated under data.synthetic.root: configs/synthetic.py);
     pipeline.SOURCES lists them.
+  coco_root: for "coco", a folder laid out one of the usual ways (data/layout.py: the
+    annotations/ + images/ layout, COCO's own names, Roboflow's export); its splits are found
+    there. One flag for one's own dataset (configs/custom.py).
   train_ann, train_images, eval_ann, eval_images: for "coco", the instances json and the image
-    folder of each split.
+    folder of each split; set, they override what coco_root finds, split by split.
   tfds_name, tfds_data_dir, train_split, eval_split: for "tfds", e.g. "coco/2017" with splits
     "train" / "validation", or "coco_folder/<name>" as built by `tfds.build_coco_folder`;
     an empty tfds_data_dir means TFDS's default (~/tensorflow_datasets).
@@ -28,7 +31,12 @@ Fields (override any on the command line, e.g. `--config.data.batch_size=8`):
   prefetch: batches buffered ahead (per worker, and by the threads).
   on_bad_image: "skip" (default: log, count, leave an empty slot) or "error" for files that are
     missing, corrupt, truncated or of the wrong size.
-  on_bad_annotation: "error" (default: fail naming the annotation) or "skip" (drop and count).
+  on_bad_annotation: "error" (default: fail listing every bad annotation) or "skip" (drop them,
+    clip boxes crossing the border, and count).
+  check: how COCO image files are checked before the first step: "headers" (default: size,
+    EXIF orientation, truncation, from headers and file ends), "decode" (decode every image
+    too), "off" (existence only). `python -m sparse_rcnn_jax.data.check` runs it alone.
+  allow_empty_train: a training split without any box is an error unless this is True.
   seed: shuffling and augmentation seed; a given seed gives the same batches every run.
 """
 import ml_collections
@@ -38,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
   """The official recipe's data settings (docs/model.md, section 1); paths are left empty."""
   return ml_collections.ConfigDict({
       "source": "coco",
+      "coco_root": "",
       "train_ann": "",
       "train_images": "",
       "eval_ann": "",
@@ -64,5 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
       "prefetch": 2,
       "on_bad_image": "skip",
       "on_bad_annotation": "error",
+      "check": "headers",
+      "allow_empty_train": False,
       "seed": 0,
   })

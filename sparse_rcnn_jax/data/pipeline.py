@@ -26,16 +26,19 @@ Eval iterator: one pass over every image exactly once, in dataset order (grouped
 when group_by_aspect), global batches split across hosts as above, the last one completed with
 empty slots (valid False); every host yields the same number of batches.
 
+Bad images: the plan never depends on which files decode. An image that fails under
+on_bad_image="skip" becomes an empty slot of its batch (batching.py), so the good images seen,
+their order and their augmentation, and resuming, are those of a run where it was good;
+SkipReport logs one summary per epoch of the slots left empty.
+
 Workers: grain runs loading in `num_workers` spawned processes, or with 0 in `read_threads`
 threads of this process. Spawned workers re-import the main module: a script that iterates
-with workers needs the `if __name__ == "__main__":` guard (absl.app programs have it). An
-undecodable image under on_bad_image="skip" becomes an empty slot (batching.py) and is logged,
-with a running count, by the process that decoded it.
+with workers needs the `if __name__ == "__main__":` guard (absl.app programs have it).
 """
 import collections
 import dataclasses
 import sys
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from absl import flags
 from absl import logging
@@ -46,6 +49,7 @@ import numpy as np
 
 from sparse_rcnn_jax.data import batching
 from sparse_rcnn_jax.data import coco
+from sparse_rcnn_jax.data import layout
 from sparse_rcnn_jax.data import source as source_lib
 from sparse_rcnn_jax.data import synthetic
 from sparse_rcnn_jax.data import transforms
@@ -70,19 +74,32 @@ SOURCES = {
 
 
 def load_source(config: ml_collections.ConfigDict, split: str) -> source_lib.DetectionSource:
-  """The dataset of split "train" or "eval" named by config.data (config.data.source)."""
+  """The dataset of split "train" or "eval" named by config.data (config.data.source).
+
+  Raises:
+    DataError: a training split without any box (unless config.data.allow_empty_train), or
+      the problems the source's own checks found (coco.py).
+  """
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
   if config.source not in SOURCES:
     raise ValueError(f"config.data.source must be one of {sorted(SOURCES)}, got "
                      f"{config.source!r}")
-  return SOURCES[config.source](config, split)
+  source = SOURCES[config.source](config, split)
+  if (split == "train" and source.num_boxes is not None and not source.num_boxes.sum()
+      and not config.get("allow_empty_train", False)):
+    raise source_lib.DataError(
+        f"The training split {getattr(source, 'ann_path', config.source)} has no boxes (no "
+        f"'annotations', an empty list, or all of them crowd or dropped) in its {len(source)} "
+        "images: a detector would learn to find nothing. Set "
+        "config.data.allow_empty_train=True if that is intended.")
+  return source
 
 
 def has_eval_split(config: ml_collections.ConfigDict) -> bool:
   """Whether config.data names an evaluation split."""
   if config.source == "coco":
-    return bool(config.eval_ann)
+    return layout.coco_split(config, "eval") is not None
   return config.source != "tfds" or bool(config.tfds_name)
 
 
@@ -118,10 +135,12 @@ class PlannedBatch:
     indices: int64 [B] source indices; -1 for an empty slot.
     uniforms: float64 [B, NUM_UNIFORMS] augmentation numbers.
     min_shape: (H, W) the batch is padded to at least (its bucket when sizes are known).
+    epoch: the training epoch it belongs to (0 for evaluation).
   """
   indices: np.ndarray
   uniforms: np.ndarray
   min_shape: Shape
+  epoch: int = 0
 
 
 class Planner:
@@ -161,19 +180,23 @@ class Planner:
     sizes = np.where((batches >= 0)[..., None], out_sizes[batches], 0)
     return [batching.select_bucket(h, w, self.buckets) for h, w in sizes.max(axis=1)]
 
-  def local(self, batch: np.ndarray, uniforms: np.ndarray, shape: Shape) -> PlannedBatch:
+  def local(self, batch: np.ndarray, uniforms: np.ndarray, shape: Shape,
+            epoch: int = 0) -> PlannedBatch:
     indices = batch[self.first_slot:self.first_slot + self.local_batch]
     return PlannedBatch(indices=indices, uniforms=uniforms[np.maximum(indices, 0)],
-                        min_shape=shape)
+                        min_shape=shape, epoch=epoch)
 
 
 def _group_by_orientation(order: np.ndarray, portrait: np.ndarray, batch_size: int,
                           rng: np.random.Generator) -> np.ndarray:
   """[len(order) // batch_size, batch_size] batches, each of one orientation where possible.
 
-  Images keep their shuffled order within each orientation; the leftovers of both orientations
-  make the (at most one) mixed batch; the batch order is shuffled.
+  The epoch leaves out the last len(order) % batch_size images of the shuffled order, whatever
+  their orientation (so an orientation with fewer images than a batch is not always the one
+  left out); the others keep their shuffled order within each orientation; the leftovers of
+  both orientations make the (at most one) mixed batch; the batch order is shuffled.
   """
+  order = order[:len(order) // batch_size * batch_size]
   full, rest = [], []
   for group in (order[~portrait[order]], order[portrait[order]]):
     n = len(group) // batch_size * batch_size
@@ -220,7 +243,7 @@ class TrainPlan(Sequence[PlannedBatch]):
   def __getitem__(self, step: int) -> PlannedBatch:
     epoch, k = divmod(int(step), self.batches_per_epoch)
     batches, uniforms, shapes = self.epoch(epoch)
-    return self.planner.local(batches[k], uniforms, shapes[k])
+    return self.planner.local(batches[k], uniforms, shapes[k], epoch)
 
   def __getstate__(self) -> dict[str, Any]:
     # Workers rebuild their own cache rather than receive a pickled epoch.
@@ -253,14 +276,26 @@ class EvalPlan(Sequence[PlannedBatch]):
     return self.planner.local(self.batches[k], self.uniforms, self.shapes[k])
 
 
+# Keys a loaded batch carries for the host only (make_global_batch leaves them out):
+#   skipped: int64 [B] source index of a slot left empty because its image could not be
+#     decoded (on_bad_image="skip"), else -1.   epoch: int64 [B] the plan's epoch.
+HOST_KEYS = ("skipped", "epoch")
+
+
 class BatchLoader:
-  """PlannedBatch -> batch dict: decode, augment, pad (runs in grain workers)."""
+  """PlannedBatch -> batch dict: decode, augment, pad (runs in grain workers).
+
+  An image that fails to decode under on_bad_image="skip" leaves its slot empty; its reason is
+  logged the first time this process meets it, and the batch names it in "skipped" (HOST_KEYS)
+  for SkipReport's per-epoch summary. Nothing else changes: the plan, and so every other slot,
+  is the same as if the image were good.
+  """
 
   def __init__(self, source: source_lib.DetectionSource, augment: transforms.AugmentConfig,
                buckets: Sequence[Shape], max_boxes: int, on_bad_image: str):
     self.source, self.augment, self.buckets = source, augment, list(buckets)
     self.max_boxes, self.on_bad_image = max_boxes, on_bad_image
-    self.skipped = 0
+    self.warned = set()
 
   def example(self, index: int, uniforms: np.ndarray) -> source_lib.Example | None:
     """The augmented image `index`, or None for a slot left empty."""
@@ -271,9 +306,9 @@ class BatchLoader:
     except source_lib.BadImageError as e:
       if self.on_bad_image == "error":
         raise
-      self.skipped += 1
-      logging.warning("%s; skipped (on_bad_image='skip'; %d images skipped so far in this "
-                      "process)", e, self.skipped)
+      if index not in self.warned:
+        self.warned.add(index)
+        logging.warning("%s; left out (on_bad_image='skip'; counted once per epoch)", e)
       return None
     h, w = ex.image.shape[:2]
     return transforms.augment(ex, transforms.sample_params(h, w, uniforms, self.augment))
@@ -285,7 +320,55 @@ class BatchLoader:
       if ex is not None:
         height, width = max(height, ex.image.shape[0]), max(width, ex.image.shape[1])
     bucket = batching.select_bucket(height, width, self.buckets)
-    return batching.collate(examples, bucket, self.max_boxes)
+    batch = batching.collate(examples, bucket, self.max_boxes)
+    batch["skipped"] = np.array([i if i >= 0 and ex is None else -1
+                                 for i, ex in zip(plan.indices, examples)], np.int64)
+    batch["epoch"] = np.full(len(examples), plan.epoch, np.int64)
+    return batch
+
+
+class SkipReport:
+  """Counts the images left empty for failing to decode (a batch's "skipped") and logs one
+  summary per epoch, and one at `close()`, instead of a warning per draw."""
+
+  def __init__(self, source: source_lib.DetectionSource, split: str):
+    self.source, self.split = source, split
+    self.epoch, self.counts, self.total = None, collections.Counter(), 0
+
+  def _name(self, index: int) -> str:
+    table = getattr(self.source, "table", None)
+    return table.file_names[index] if table is not None else f"source index {index}"
+
+  def _flush(self) -> None:
+    if self.counts:
+      names = ", ".join(self._name(i) for i in sorted(self.counts)[:5])
+      more = len(self.counts) - 5
+      logging.warning("%s epoch %d: %d draws of %d images left empty, as they cannot be decoded "
+                      "(on_bad_image='skip')%s: %s%s", self.split, self.epoch,
+                      sum(self.counts.values()), len(self.counts),
+                      "; their boxes count as missed in AP" if self.split == "eval" else "",
+                      names, f" and {more} more" if more > 0 else "")
+    self.counts.clear()
+
+  def add(self, batch: Batch) -> None:
+    epoch = int(batch["epoch"][0]) if len(batch["epoch"]) else 0
+    if epoch != self.epoch:
+      self._flush()
+      self.epoch = epoch
+    skipped = batch["skipped"][batch["skipped"] >= 0]
+    self.counts.update(int(i) for i in skipped)
+    self.total += len(skipped)
+
+  def close(self) -> None:
+    """Logs the current epoch's summary (at the end of a run or of an evaluation pass)."""
+    self._flush()
+
+  def follow(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+    """`batches`, counted as they pass; the summary is logged when they run out."""
+    for batch in batches:
+      self.add(batch)
+      yield batch
+    self.close()
 
 
 def _hosts(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -357,10 +440,12 @@ def eval_iterator(config: ml_collections.ConfigDict, source: source_lib.Detectio
 def make_global_batch(batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """Host-local batch -> global jax.Arrays split along the mesh's "data" axis.
 
-  Every host passes its own B examples; the global arrays hold process_count * B.
+  Every host passes its own B examples; the global arrays hold process_count * B. The
+  host-only keys (HOST_KEYS) stay behind.
   """
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()
+          if k not in HOST_KEYS}
 
 
 class DevicePrefetch(Iterator[dict[str, jax.Array]]):
@@ -370,10 +455,12 @@ class DevicePrefetch(Iterator[dict[str, jax.Array]]):
   the batches waiting on the devices), so a checkpoint resumes exactly after it.
   """
 
-  def __init__(self, batches: grain.DatasetIterator, mesh: jax.sharding.Mesh, size: int = 2):
+  def __init__(self, batches: grain.DatasetIterator, mesh: jax.sharding.Mesh, size: int = 2,
+               skips: SkipReport | None = None):
     self._batches, self._mesh, self._size = batches, mesh, size
     self._queue = collections.deque()
     self._state = batches.get_state()
+    self.skips = skips
 
   def __next__(self) -> dict[str, jax.Array]:
     while len(self._queue) <= self._size:
@@ -381,10 +468,13 @@ class DevicePrefetch(Iterator[dict[str, jax.Array]]):
         batch = next(self._batches)
       except StopIteration:
         break
-      self._queue.append((make_global_batch(batch, self._mesh), self._batches.get_state()))
+      self._queue.append((make_global_batch(batch, self._mesh), self._batches.get_state(),
+                          batch))
     if not self._queue:
       raise StopIteration
-    batch, self._state = self._queue.popleft()
+    batch, self._state, host_batch = self._queue.popleft()
+    if self.skips is not None:
+      self.skips.add(host_batch)
     return batch
 
   def get_state(self) -> dict[str, Any]:

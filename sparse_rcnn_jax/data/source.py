@@ -10,10 +10,12 @@ sorted and numbered; `label_to_category_id` maps back for evaluation). Crowd box
 an `Example` (training drops them) but stay in `coco_gt()` (evaluation ignores matches to them).
 """
 import abc
+import collections
 import dataclasses
 import io
 import os
 from typing import Any, Iterable, Sequence
+import unicodedata
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -26,7 +28,59 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 class BadImageError(Exception):
-  """An image file that cannot be read or decoded, or whose size disagrees with its annotations."""
+  """An image file that cannot be read or decoded, or whose size disagrees with its annotations.
+
+  Attributes:
+    kind: the kind of problem (one of IMAGE_PROBLEMS), for counting.
+  """
+
+  def __init__(self, message: str, kind: str = "cannot decode"):
+    super().__init__(message)
+    self.kind = kind
+
+
+# The kinds of bad image, as BadImageError.kind and in check reports.
+IMAGE_PROBLEMS = ("missing file", "empty file", "unreadable header", "truncated file",
+                  "size differs from the json", "EXIF-rotated, annotated in stored pixels",
+                  "cannot decode")
+
+
+class DataError(ValueError):
+  """The dataset cannot be used as configured; the message lists every problem found."""
+
+
+class Problems:
+  """Problems found in a dataset, counted per kind with the first few examples of each.
+
+  Usage: `problems.add(kind, detail)` while scanning, then `problems.summary()` once.
+  """
+
+  def __init__(self, examples: int = 3):
+    self.examples = examples
+    self.counts: collections.Counter[str] = collections.Counter()
+    self.first: dict[str, list[str]] = collections.defaultdict(list)
+
+  def add(self, kind: str, detail: str) -> None:
+    self.counts[kind] += 1
+    if len(self.first[kind]) < self.examples:
+      self.first[kind].append(detail)
+
+  def __bool__(self) -> bool:
+    return bool(self.counts)
+
+  @property
+  def total(self) -> int:
+    return sum(self.counts.values())
+
+  def summary(self) -> str:
+    """One line per kind, most frequent first: count, kind and the first examples."""
+    lines = []
+    for kind, count in self.counts.most_common():
+      more = count - len(self.first[kind])
+      examples = "\n      ".join(self.first[kind]) + (f"\n      ... and {more} more"
+                                                       if more else "")
+      lines.append(f"  {count} x {kind}, e.g.\n      {examples}")
+    return "\n".join(lines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,20 +175,107 @@ def decode_image(data: bytes | str | os.PathLike, name: str | None = None,
       rgb = _to_rgb(ImageOps.exif_transpose(img))
   except Exception as e:  # pylint: disable=broad-except
     # Any failure to turn a user's file into pixels is a bad image, never a crash mid-epoch.
-    raise BadImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
+    raise BadImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})",
+                        "cannot decode") from e
   if expected_size is not None and tuple(rgb.shape[:2]) != tuple(expected_size):
     raise BadImageError(
         f"{name}: decoded image (EXIF orientation applied) is {rgb.shape[1]}x{rgb.shape[0]} "
-        f"(w x h) but the annotations say {expected_size[1]}x{expected_size[0]}")
+        f"(w x h) but the annotations say {expected_size[1]}x{expected_size[0]}",
+        "size differs from the json")
   return rgb
+
+
+def _orientation(img: Image.Image) -> int | None:
+  """The EXIF orientation tag of an opened image, from its header alone.
+
+  PIL's getexif() decodes a whole PNG to look for an eXIf chunk after the pixels; for PNG only
+  the chunk before them (where writers put it) is read.
+  """
+  if img.format != "PNG":
+    return img.getexif().get(EXIF_ORIENTATION)
+  if "exif" not in img.info:
+    return None
+  exif = Image.Exif()
+  exif.load(img.info["exif"])
+  return exif.get(EXIF_ORIENTATION)
 
 
 def image_size(data: bytes | str | os.PathLike) -> tuple[int, int]:
   """(h, w) of the displayed image from its header alone (no pixel decoding)."""
   with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
     w, h = img.size
-    if img.getexif().get(EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
+    if _orientation(img) in _TRANSPOSING_ORIENTATIONS:
       w, h = h, w
+  return h, w
+
+
+# A JPEG ends with the EOI marker, a PNG with its IEND chunk; a file cut short lacks them. Some
+# writers append a few bytes after the end, so the marker is looked for near the end.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+_TAIL_BYTES = 1024
+
+
+def missing_file_hint(image_dir: str, file_name: str) -> str:
+  """A hint for a file that does not exist: the same name in another Unicode normalization
+  (macOS and some archivers write NFD names, most json writers NFC), else ""."""
+  for form in ("NFC", "NFD", "NFKC", "NFKD"):
+    other = unicodedata.normalize(form, file_name)
+    if other != file_name and os.path.exists(os.path.join(image_dir, other)):
+      return (f" (a file whose name differs only in Unicode normalization exists: {other!r} is "
+              f"{form}; rename the file or the json's file_name so the two agree)")
+  return ""
+
+
+def read_header(path: str, expected_size: tuple[int, int] | None = None,
+                decode: bool = False) -> tuple[int, int]:
+  """Checks an image file from its header, without decoding pixels unless `decode`.
+
+  Finds a missing or empty file, an unreadable header, a JPEG or PNG cut short, and a size
+  (EXIF orientation applied) that differs from `expected_size` (h, w), telling apart the photo
+  whose annotations were made on the stored, unrotated pixels.
+  Returns:
+    (h, w) of the displayed image.
+  Raises:
+    BadImageError: naming the file, with its `kind`.
+  """
+  if not os.path.isfile(path):
+    hint = missing_file_hint(os.path.dirname(path), os.path.basename(path))
+    raise BadImageError(f"{path}: image file does not exist{hint}", "missing file")
+  size = os.path.getsize(path)
+  if not size:
+    raise BadImageError(f"{path}: image file is empty (0 bytes)", "empty file")
+  try:
+    with Image.open(path) as img:
+      stored_w, stored_h = img.size
+      image_format = img.format
+      marker = _END_MARKERS.get(image_format)
+      if marker is not None:
+        with open(path, "rb") as f:
+          f.seek(max(0, size - _TAIL_BYTES))
+          truncated = marker not in f.read()
+        if truncated:
+          raise BadImageError(f"{path}: {image_format} file is truncated ({size} bytes, no "
+                              "end marker)", "truncated file")
+      orientation = _orientation(img)
+  except BadImageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise BadImageError(f"{path}: cannot read the image header ({type(e).__name__}: {e})",
+                        "unreadable header") from e
+  h, w = ((stored_w, stored_h) if orientation in _TRANSPOSING_ORIENTATIONS
+          else (stored_h, stored_w))
+  if expected_size is not None and (h, w) != tuple(expected_size):
+    eh, ew = expected_size
+    if (stored_h, stored_w) == (eh, ew):
+      raise BadImageError(
+          f"{path}: EXIF orientation {orientation} displays the stored {stored_w}x{stored_h} "
+          f"(w x h) image as {w}x{h}, but the json says {ew}x{eh}: its boxes were drawn on the "
+          "stored pixels. Re-annotate the displayed image, or write the rotation into the "
+          "pixels and drop the EXIF tag", "EXIF-rotated, annotated in stored pixels")
+    raise BadImageError(f"{path}: the image is {w}x{h} (w x h, EXIF orientation applied) but "
+                        f"the json says {ew}x{eh}", "size differs from the json")
+  if decode:
+    decode_image(path, expected_size=(h, w))
   return h, w
 
 
