@@ -14,12 +14,18 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+from PIL import Image
 import pytest
 
+from configs import custom
+from sparse_rcnn_jax import detector
+from sparse_rcnn_jax import experiment
 from sparse_rcnn_jax.data import check
 from sparse_rcnn_jax.data import config as data_config
 from sparse_rcnn_jax.data import layout
 from sparse_rcnn_jax.data import pipeline
+from sparse_rcnn_jax.data import source as source_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # XLA:CPU rounds differently on other processor models (README: the same run gave AP 30.8 and
@@ -90,3 +96,33 @@ def test_custom_config_reaches_the_readme_ap(data_dir, tmp_path, name, row):
   final = max(workdir.glob("eval_step*.json"), key=lambda p: int(p.stem.split("step")[1]))
   ap = 100 * json.loads(final.read_text())["AP"]
   assert ap >= readme_ap(row) - AP_TOLERANCE
+
+
+def test_bad_data_stops_the_main_job_before_the_model_is_built(tmp_path, monkeypatch):
+  """Under the error policies every problem is reported before anything is built or compiled."""
+  root = tmp_path / "mine"
+  (root / "images").mkdir(parents=True)
+  (root / "annotations").mkdir()
+  images = []
+  noise = np.random.default_rng(0).integers(0, 256, (3, 48, 64, 3), dtype=np.uint8)
+  for k in range(3):  # Noise: a JPEG of a few kB, whose first half holds the whole header.
+    Image.fromarray(noise[k]).save(root / "images" / f"{k}.jpg")
+    images.append({"id": k, "file_name": f"{k}.jpg", "height": 48, "width": 64})
+  data = root / "images" / "1.jpg"
+  data.write_bytes(data.read_bytes()[:len(data.read_bytes()) // 2])  # Cut short.
+  (root / "annotations" / "train.json").write_text(json.dumps({
+      "images": images, "categories": [{"id": 1, "name": "thing"}],
+      "annotations": [{"id": 1, "image_id": 0, "category_id": 1, "bbox": [1, 1, 10, 10]},
+                      {"id": 2, "image_id": 2, "category_id": 9, "bbox": [1, 1, 10, 10]}]}))
+  config = custom.get_config()
+  config.data.update(coco_root=str(root), on_bad_image="error")
+
+  def built(*args, **kwargs):
+    raise AssertionError("the model was built before the data was checked")
+  monkeypatch.setattr(detector, "build_model", built)
+  with pytest.raises(source_lib.DataError) as error:
+    experiment.train_and_evaluate(config, tmp_path / "workdir")
+  message = str(error.value)
+  assert "1 x truncated file" in message and "1.jpg" in message
+  assert "1 x unknown category" in message  # Both kinds of problem, at once.
+  assert not (tmp_path / "workdir" / "checkpoints").exists()
