@@ -30,8 +30,13 @@ from sparse_rcnn_jax.data import source as source_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # XLA:CPU rounds differently on other processor models (README: the same run gave AP 30.8 and
-# 32.1 on two machines); below the README's figure by more than this is a failure.
+# 32.1 on two machines); below the README's figure by more than this (or than 30 % of a small
+# figure) is a failure.
 AP_TOLERANCE = 2.5
+
+
+def _lowest(stated: float) -> float:
+  return stated - min(AP_TOLERANCE, 0.3 * stated)
 
 
 def roboflow_bccd(data_dir: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
@@ -103,7 +108,7 @@ def test_custom_config_reaches_the_readme_ap_on_bccd(data_dir, tmp_path):
   workdir = tmp_path / "workdir"
   _run("train.py", "--config", "configs/custom.py", "--workdir", str(workdir),
        f"--config.data.coco_root={root}")
-  assert _final_ap(workdir) >= readme_ap("BCCD") - AP_TOLERANCE
+  assert _final_ap(workdir) >= _lowest(readme_ap("BCCD"))
 
 
 @pytest.mark.slow
@@ -114,12 +119,12 @@ def test_custom_config_reaches_the_readme_ap_on_coco128(data_dir, tmp_path):
   workdir = tmp_path / "workdir"
   _run("train.py", "--config", "configs/custom.py", "--workdir", str(workdir),
        f"--config.data.coco_root={root}")
-  assert _final_ap(workdir) >= readme_ap("coco128 -> coco_val128") - AP_TOLERANCE
+  assert (workdir / "eval_step5200.json").exists()  # Evaluated on coco_val128 (AP about 0).
   own = tmp_path / "own"
   _run("eval.py", "--workdir", str(workdir), "--config", str(workdir / "config.py"),
        f"--config.data.eval_ann={root}/annotations/instances_train2017.json",
        f"--config.data.eval_images={root}/train2017", "--out", str(own))
-  assert _final_ap(own) >= readme_ap("coco128, its own training images") - AP_TOLERANCE
+  assert _final_ap(own) >= _lowest(readme_ap("coco128, its own training images"))
 
 
 def test_bad_data_stops_the_main_job_before_the_model_is_built(tmp_path, monkeypatch):
