@@ -103,6 +103,7 @@ def _run(*args: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * 3600)  # About 26 minutes alone on 2 cores.
 def test_custom_config_reaches_the_readme_ap_on_bccd(data_dir, tmp_path):
   root = roboflow_bccd(data_dir, tmp_path / "bccd")
   workdir = tmp_path / "workdir"
@@ -112,6 +113,7 @@ def test_custom_config_reaches_the_readme_ap_on_bccd(data_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * 3600)
 def test_custom_config_reaches_the_readme_ap_on_coco128(data_dir, tmp_path):
   """Trained on coco128 with coco_val128 as its validation split; from scratch the AP there
   stays near 0, so the check that it learned is the AP on its own 128 training images."""
