@@ -61,7 +61,6 @@ def _r50(config: ml_collections.ConfigDict) -> None:
   """The official recipe on one GPU, in place."""
   config.data.update(batch_size=4, eval_batch_size=4, num_workers=2)
   config.train.update(num_steps=90_000, checkpoint_every=2000, eval_every=10_000)
-  config.optimizer.update(warmup_steps=1000)
 
 
 def get_config(recipe: str = "") -> ml_collections.ConfigDict:

@@ -468,13 +468,14 @@ class DevicePrefetch(Iterator[dict[str, jax.Array]]):
         batch = next(self._batches)
       except StopIteration:
         break
+      # Of the host batch only its host keys are kept: the images are on their way to the devices.
       self._queue.append((make_global_batch(batch, self._mesh), self._batches.get_state(),
-                          batch))
+                          {k: batch[k] for k in HOST_KEYS}))
     if not self._queue:
       raise StopIteration
-    batch, self._state, host_batch = self._queue.popleft()
+    batch, self._state, host_keys = self._queue.popleft()
     if self.skips is not None:
-      self.skips.add(host_batch)
+      self.skips.add(host_keys)
     return batch
 
   def get_state(self) -> dict[str, Any]:
