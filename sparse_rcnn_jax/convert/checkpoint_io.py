@@ -1,12 +1,15 @@
 """Reading and writing PyTorch-style state dicts (name -> array) as `.pth` or `.npz` files.
 
-PyTorch is not a dependency of the project: it is imported only here, only for `.pth` files,
-and loading uses `weights_only=True` so a checkpoint cannot run code.
+PyTorch is not a dependency of the project. `.pth` files are read by `pth.load`, a reader without
+torch that accepts only tensors and plain containers, so a checkpoint cannot run code. Writing
+`.pth` (done only by tests) imports torch.
 """
 import os
 import pathlib
 
 import numpy as np
+
+from sparse_rcnn_jax.convert import pth
 
 
 def _import_torch():
@@ -14,13 +17,13 @@ def _import_torch():
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        "Reading or writing .pth files needs PyTorch (pip install torch); "
+        "Writing .pth files needs PyTorch (pip install torch); "
         "alternatively convert the checkpoint to .npz.") from e
   return torch
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Loads a state dict from `.pth`/`.pt` (torch) or `.npz`, as float/int NumPy arrays.
+  """Loads a state dict from `.pth`/`.pt`/`.pkl` (torch.save) or `.npz`, as NumPy arrays.
 
   A detectron2 / official Sparse R-CNN checkpoint keeps the weights under "model"; that level
   is unwrapped. torchvision model files are plain state dicts.
@@ -32,14 +35,14 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with np.load(path) as data:
       return {k: data[k] for k in data.files}
   if path.suffix not in (".pth", ".pt", ".pkl"):
-    raise ValueError(f"{path}: expected a .pth, .pt or .npz file")
-  torch = _import_torch()
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+    raise ValueError(f"{path}: expected a .pth, .pt, .pkl or .npz file")
+  state = pth.load(path)
+  if isinstance(state, dict) and isinstance(state.get("model"), dict):
     state = state["model"]
   if not isinstance(state, dict):
     raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(state)}")
-  return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
+  # pth.load makes arrays only of tensors: it refuses NumPy's own reconstructors.
+  return {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
 
 
 def save_state_dict(state: dict[str, np.ndarray], path: str | os.PathLike) -> None:
