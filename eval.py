@@ -84,7 +84,8 @@ def main(argv):
   else:
     predict_fn, evaluate = inference.make_predict_fn(model, mesh), inference.evaluate_split
   metrics = evaluate(predict_fn, variables, config, mesh, source,
-                     results_path=out / f"detections_{name}.json")
+                     results_path=out / f"detections_{name}.json",
+                     size_divisibility=model.backbone.size_divisibility)
   if jax.process_index() == 0:
     print(evaluation.format_table(metrics))
     (out / f"eval_{name}.json").write_text(json.dumps(metrics, indent=1))

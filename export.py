@@ -14,8 +14,8 @@ the model dtype. Any process with jax runs it:
   out = exp.call(images, image_whwh)
 
 The batch is symbolic (any size) unless --batch fixes it. H and W default to the padded size
-of the run's evaluation (config.data.test_scale x max_size rounded up to multiples of 32) and
-must be multiples of 32. --platforms lowers for other platforms than this machine's (cpu,
+of the run's evaluation (config.data.test_scale x max_size rounded up to multiples of the
+backbone's size_divisibility, 32 for every backbone here) and must be multiples of it. --platforms lowers for other platforms than this machine's (cpu,
 cuda, rocm, tpu); the run's --config can be overridden as in predict.py.
 """
 import json
@@ -34,9 +34,11 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest
 _USE_EMA = flags.DEFINE_bool(
     "use_ema", True, "Use the moving average of the weights when the run kept one "
     "(train.ema_decay > 0); false: the trained weights themselves.")
-_HEIGHT = flags.DEFINE_integer("height", None, "Padded image height, a multiple of 32 "
+_HEIGHT = flags.DEFINE_integer("height", None, "Padded image height, a multiple of 32 (the "
+                               "backbone's size_divisibility) "
                                "(default: from config.data.test_scale / max_size).")
-_WIDTH = flags.DEFINE_integer("width", None, "Padded image width, a multiple of 32 "
+_WIDTH = flags.DEFINE_integer("width", None, "Padded image width, a multiple of 32 (the "
+                              "backbone's size_divisibility) "
                               "(default: from config.data.test_scale / max_size).")
 _BATCH = flags.DEFINE_integer("batch", None, "A fixed batch size (default: symbolic, any).")
 _PLATFORMS = flags.DEFINE_list("platforms", None, "Platforms to lower for: cpu, cuda, rocm, "
@@ -62,10 +64,10 @@ def main(argv):
   try:
     config = run_files.config_for(_CONFIG.value, _WORKDIR.value)
     info = info_lib.DatasetInfo.load(_WORKDIR.value)
-    height, width = serving.default_image_size(config.data)
+    model = serving.serving_model(config.model, info.num_classes, platforms)
+    height, width = serving.default_image_size(config.data, model.backbone.size_divisibility)
     height = height if _HEIGHT.value is None else _HEIGHT.value
     width = width if _WIDTH.value is None else _WIDTH.value
-    model = serving.serving_model(config.model, info.num_classes, platforms)
     serving.check_input_shape(model, height, width, _BATCH.value)
     mesh = sharding.make_mesh(jax.devices()[:1])
     variables, step = model_state.restore_variables(model, config, _WORKDIR.value, mesh,
@@ -78,7 +80,7 @@ def main(argv):
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_bytes(blob)
   record = serving.contract(exported, config.model, config.data, info,
-                            serving.size_divisibility(model))
+                            model.backbone.size_divisibility)
   ema = _USE_EMA.value and config.train.get("ema_decay", 0.0) > 0
   record["checkpoint"] = {"workdir": str(pathlib.Path(_WORKDIR.value).resolve()),
                           "step": step, "weights": "moving average" if ema else "trained"}

@@ -75,7 +75,8 @@ def main(argv):
   threshold = config.display_threshold if _THRESHOLD.value is None else _THRESHOLD.value
   source = image_files.ImageFilesSource(paths, info)
   records = []
-  for batch in pipeline.eval_iterator(config.data, source):
+  for batch in pipeline.eval_iterator(config.data, source,
+                                      size_divisibility=model.backbone.size_divisibility):
     dets = jax.device_get(predict_fn(variables, pipeline.make_global_batch(batch, mesh)))
     for i in np.flatnonzero(batch["valid"]):
       path = paths[int(batch["image_id"][i])]

@@ -28,7 +28,7 @@ def bench(workers: int, batch_size: int, batches: int, read_threads: int, crop: 
                  "num_workers": workers, "read_threads": read_threads, "crop": crop})
   source = pipeline.load_source(config, "train")
   start = time.perf_counter()
-  iterator = pipeline.train_iterator(config, source)
+  iterator = pipeline.train_iterator(config, source, size_divisibility=32)  # every backbone's
   next(iterator)
   first_s = time.perf_counter() - start
   start = time.perf_counter()

@@ -90,7 +90,9 @@ def bench(name: str, batch: int | None, repeats: int) -> dict:
     config.model.num_classes = num_classes
   batch = batch or config.data.batch_size
   config.data.batch_size = batch
-  height, width = max(pipeline.batch_shapes(config.data, "train"), key=lambda s: s[0] * s[1])
+  multiple = detector.build_model(config.model).backbone.size_divisibility
+  height, width = max(pipeline.batch_shapes(config.data, "train", size_divisibility=multiple),
+                      key=lambda s: s[0] * s[1])
   step, state, data = prepare(config, batch, height, width)
   params = sum(x.size for x in jax.tree.leaves(state.params))
   timed = time_steps(step, state, data, repeats)

@@ -112,7 +112,8 @@ class Ours:
     def backbone_fwd(v, image):
       features = self.backbone.apply({"params": v["params"]["backbone"],
                                       "batch_stats": v["batch_stats"]["backbone"]},
-                                     detector.normalize_images(image))
+                                     detector.normalize_images(image, self.backbone.pixel_mean,
+                                                               self.backbone.pixel_std))
       return self.fpn.apply({"params": v["params"]["fpn"]}, features)
 
     def inference(v, image):

@@ -31,7 +31,7 @@ import jax
 
 from benchmarks import bench_inference, bench_matching, bench_train_step, common
 from configs import r50_100pro_3x, r50_300pro_3x, tiny
-from sparse_rcnn_jax import matcher
+from sparse_rcnn_jax import detector, matcher
 from sparse_rcnn_jax.data import pipeline
 
 DTYPES = ("float32", "bfloat16")
@@ -53,7 +53,9 @@ def plan(quick: bool, dtypes=DTYPES, matchers=MATCHERS) -> list[dict]:
     inference = [dict(part="inference", model=f"r50_{p}pro", proposals=p, hw=(800, 1344),
                       batch=b, dtype=d) for p in (100, 300) for d in dtypes for b in (1, 8)]
     model = "r50_100pro"
-    buckets = sorted(pipeline.batch_shapes(_config(model, "float32", "scipy").data, "train"),
+    config = _config(model, "float32", "scipy")
+    multiple = detector.build_model(config.model).backbone.size_divisibility
+    buckets = sorted(pipeline.batch_shapes(config.data, "train", size_divisibility=multiple),
                      key=lambda s: s[0] * s[1])
   training = [dict(part="training", model=model, hw=tuple(hw), dtype=d, matcher=m,
                    batch=2 * jax.device_count(), share=hw == buckets[-1])

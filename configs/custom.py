@@ -11,13 +11,17 @@ The validation split is optional. Before anything is built the whole dataset is 
 (config.data.check; `python -m sparse_rcnn_jax.data.check --config configs/custom.py
 --config.data.coco_root=...` runs the check alone), and every problem is reported at once.
 
-Two recipes:
-  configs/custom.py       a small model from scratch (ResNet-18 at quarter width, group norm,
-                          50 proposals, 3 stages; images at most 384 px): minutes to an hour on
-                          a CPU. configs/bccd.py is this recipe on BCCD (README, results).
+Three recipes:
+  configs/custom.py       the default: a small head on an ImageNet backbone (EfficientNet-Lite0,
+  (or :pretrained)        frozen batch norm, its weights from the pip package in
+                          requirements.txt; no download), small images: minutes to an hour on a
+                          CPU. configs/bccd.py is this recipe on BCCD (README, results).
+  configs/custom.py:scratch  the same head on a small ResNet-18 (quarter width, group norm)
+                          from scratch, images at most 384 px: for data far from photographs.
   configs/custom.py:r50   the official R-50 FPN recipe (100 proposals, 6 stages, 800 px) for one
-                          GPU (batch 4, the learning rate scaled to it), from torchvision's
-                          ImageNet ResNet-50: add --config.model.torchvision_weights=resnet50.pth.
+                          GPU (batch 4, the learning rate scaled to it); give it ImageNet
+                          ResNet-50 weights with --config.model.backbone.weights=PATH (a
+                          torchvision .pth or an .npz of its state dict).
                           Set train.num_steps to about 12 epochs of your data (1x) or 36 (3x).
 The number of classes is the dataset's; any field can be overridden on the command line.
 """
@@ -26,20 +30,36 @@ import ml_collections
 from configs import r50_100pro_3x
 
 
-def _small(config: ml_collections.ConfigDict) -> None:
-  """The small recipe from scratch, in place."""
-  config.data.update(train_scales=(224, 256, 288), max_size=384, test_scale=256, max_boxes=100,
-                     batch_size=4, eval_batch_size=8, num_workers=0, read_threads=2)
+def _small_head(config: ml_collections.ConfigDict) -> None:
+  """What both small recipes share, in place: a small head, batch 4, a short schedule."""
+  config.data.update(max_boxes=100, batch_size=4, eval_batch_size=8, num_workers=0,
+                     read_threads=2)
   config.model.update(num_proposals=50, num_stages=3, hidden_dim=64, dim_feedforward=256,
                       num_heads=4, dim_dynamic=16)
-  config.model.backbone.update(depth=18, width=16, norm="group_norm", freeze_at=0)
   config.optimizer.update(base_learning_rate=5e-4, base_batch_size=8, warmup_steps=100,
                           decay_at=(0.75, 0.9))
   # A moving average of the weights (DiffusionDet's decay) is what evaluation uses; eval.py
   # --use_ema=false evaluates the trained weights. AP every 1000 steps draws the AP curve in
   # the workdir's metrics.png.
-  config.train.update(num_steps=5200, log_every=25, checkpoint_every=500, eval_every=1000,
-                      ema_decay=0.999)
+  config.train.update(log_every=25, checkpoint_every=500, eval_every=1000, ema_decay=0.999)
+
+
+def _pretrained(config: ml_collections.ConfigDict) -> None:
+  """The default recipe, in place: a small head on EfficientNet-Lite0's ImageNet weights."""
+  _small_head(config)
+  config.data.update(train_scales=(352, 384, 416), max_size=544, test_scale=384)
+  config.model.backbone = ml_collections.ConfigDict(dict(
+      name="efficientnet_lite", variant=0, norm="frozen_bn", freeze_at=2, weights="imagenet"))
+  config.train.update(num_steps=3000)
+  config.tta.update(**scaled_tta(config.tta, config.data.test_scale))
+
+
+def _scratch(config: ml_collections.ConfigDict) -> None:
+  """The small recipe from scratch, in place: ResNet-18 at quarter width with group norm."""
+  _small_head(config)
+  config.data.update(train_scales=(224, 256, 288), max_size=384, test_scale=256)
+  config.model.backbone.update(depth=18, width=16, norm="group_norm", freeze_at=0)
+  config.train.update(num_steps=5200)
   config.tta.update(**scaled_tta(config.tta, config.data.test_scale))
 
 
@@ -64,11 +84,12 @@ def _r50(config: ml_collections.ConfigDict) -> None:
 
 
 def get_config(recipe: str = "") -> ml_collections.ConfigDict:
-  """`recipe`: "" (or "small") for the small model from scratch, "r50" for the R-50 recipe."""
+  """`recipe`: "" (or "pretrained") for the default, "scratch" for the small model from
+  scratch, "r50" for the R-50 recipe."""
   config = r50_100pro_3x.get_config()
-  recipes = {"": _small, "small": _small, "r50": _r50}
+  recipes = {"": _pretrained, "pretrained": _pretrained, "scratch": _scratch, "r50": _r50}
   if recipe not in recipes:
-    raise ValueError(f"configs/custom.py:{recipe}: the recipes are 'small' (the default) and "
-                     "'r50'")
+    raise ValueError(f"configs/custom.py:{recipe}: the recipes are 'pretrained' (the default), "
+                     "'scratch' and 'r50'")
   recipes[recipe](config)
   return config

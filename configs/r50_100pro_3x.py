@@ -48,19 +48,24 @@ def get_config() -> ml_collections.ConfigDict:
   model.self_attention = True
   model.feature_reuse = True
   model.proposal_init = "image"
-  # The backbone, by name (sparse_rcnn_jax/backbones/); the other fields are its own.
+  # The backbone, by name (sparse_rcnn_jax/backbones/); the other fields are its own, but for
+  # `weights`, which every backbone takes: "" (random initialization), "imagenet" (the file of
+  # a pip package, where one exists) or the path of a weights file (for the ResNet:
+  # torchvision's ImageNet file, e.g. resnet50-0676ba61.pth).
   model.backbone = ml_collections.ConfigDict(
-      dict(name="resnet", depth=50, width=64, norm="frozen_bn", freeze_at=2))
+      dict(name="resnet", depth=50, width=64, norm="frozen_bn", freeze_at=2, weights=""))
   # Gradients of the backbone's and FPN's convolutions: "matmul_grad" (as matrix products,
   # several times faster on a CPU), "xla" (XLA's own, for GPU/TPU), "auto" (by platform).
   model.conv_impl = "auto"
   # Compute dtype: "float32", or "bfloat16" for GPU/TPU (parameters, losses, matching, box
   # decoding and RoIAlign's coordinates stay float32; sparse_rcnn_jax/precision.py).
   model.dtype = "float32"
-  # Optional weights to start from: torchvision ImageNet ResNet (.pth/.npz) or a whole
-  # official Sparse R-CNN checkpoint.
-  model.torchvision_weights = ""
-  model.official_checkpoint = ""
+  # A whole model to start from, after the backbone's weights: the workdir of an earlier run
+  # (its newest checkpoint, its moving average of the weights if it kept one) or an official
+  # Sparse R-CNN checkpoint (.pth/.npz), of which every tensor whose name and shape fit is
+  # loaded and the rest (e.g. the class layers for another number of classes) keeps its
+  # initialization (sparse_rcnn_jax/init_from.py).
+  model.init_from = ""
 
   # Data (docs/model.md, section 1; fields documented in sparse_rcnn_jax/data/config.py).
   config.data = data_config.default_config()
@@ -76,7 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict(dict(
       base_learning_rate=2.5e-5, base_batch_size=16, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=1e-4, clip_norm=1.0, warmup_steps=1000, warmup_factor=0.01,
-      decay_at=(210_000 / 270_000, 250_000 / 270_000), decay_factor=0.1))
+      decay_at=(210_000 / 270_000, 250_000 / 270_000), decay_factor=0.1,
+      backbone_multiplier=1.0))
 
   # ema_decay: a moving average of the parameters, evaluated instead of them (0: off, as the
   # official recipe; DiffusionDet's value is 0.999), with an optional warm-up of

@@ -19,6 +19,12 @@ def make_manager(workdir: str | pathlib.Path, keep: int) -> ocp.CheckpointManage
           max_to_keep=keep, enable_async_checkpointing=True, create=True))
 
 
+def has_checkpoint(workdir: str | pathlib.Path) -> bool:
+  """Whether WORKDIR/checkpoints holds a finished checkpoint (the folder is not created)."""
+  directory = pathlib.Path(workdir).resolve() / "checkpoints"
+  return directory.is_dir() and bool(ocp.utils.checkpoint_steps(directory))
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
          force: bool = False) -> bool:
   """Starts an asynchronous save of `state` (a pytree of arrays) and the data position."""

@@ -1,8 +1,8 @@
 """Sparse R-CNN: backbone -> FPN -> dynamic head, from uint8 RGB images to per-stage predictions.
 
-The backbone (chosen by name, backbones/) declares its pyramid levels; the FPN and the head's
-RoIAlign work on exactly those. Variables: {"params": {"backbone", "fpn", "head"},
-"batch_stats": {"backbone"}} (the ResNet's frozen batch-norm statistics live in "batch_stats"
+The backbone (chosen by name, backbones/) declares its pyramid levels, on which the FPN and the
+head's RoIAlign work, and the pixel statistics its weights expect. Variables: {"params":
+{"backbone", "fpn", "head"}, "batch_stats": {"backbone"}} (a backbone's frozen batch-norm statistics live in "batch_stats"
 and are never updated).
 """
 import flax.linen as nn
@@ -14,16 +14,12 @@ from sparse_rcnn_jax.dynamic_head import DynamicHead
 from sparse_rcnn_jax.fpn import FPN
 from sparse_rcnn_jax.head_config import HeadConfig
 
-# ImageNet statistics of RGB pixels in 0..255: the official config's PIXEL_MEAN, PIXEL_STD.
-PIXEL_MEAN = (123.675, 116.280, 103.530)
-PIXEL_STD = (58.395, 57.120, 57.375)
 
-
-def normalize_images(images):
-  """The one place where pixels are normalized: [B, H, W, 3] RGB 0..255 -> float32."""
-  mean = jnp.asarray(PIXEL_MEAN, jnp.float32)
-  std = jnp.asarray(PIXEL_STD, jnp.float32)
-  return (images.astype(jnp.float32) - mean) / std
+def normalize_images(images, mean: tuple[float, float, float], std: tuple[float, float, float]):
+  """The one place where pixels are normalized: [B, H, W, 3] RGB 0..255 -> float32, with the
+  backbone's statistics (`pixel_mean`, `pixel_std`)."""
+  return ((images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32))
+          / jnp.asarray(std, jnp.float32))
 
 
 class SparseRCNN(nn.Module):
@@ -51,14 +47,14 @@ class SparseRCNN(nn.Module):
 
     Args:
       images: [B, H, W, 3] RGB, uint8 or float in 0..255, zero-padded bottom/right to
-        multiples of 2**(the backbone's coarsest level): 32 for the ResNet.
+        multiples of the backbone's `size_divisibility` (32 for every backbone here).
       image_whwh: [B, 4] (w, h, w, h) of each unpadded image.
       deterministic: disables dropout.
     Returns:
       dict of "pred_logits" [S, B, N, C], "pred_boxes" [S, B, N, 4] absolute xyxy in input
       pixels, and "proposal_boxes" [B, N, 4] (see DynamicHead), all float32.
     """
-    x = normalize_images(images)
+    x = normalize_images(images, self.backbone.pixel_mean, self.backbone.pixel_std)
     dtype = self.head.dtype
     levels = self.backbone.levels
     features = self.backbone(x)

@@ -31,11 +31,12 @@ def _eval_scalars(metrics: dict) -> dict:
 
 
 def draw_examples(predict_fn, variables, config, mesh, source, workdir: pathlib.Path,
-                  num_images: int = 4) -> list[pathlib.Path]:
+                  size_divisibility: int, num_images: int = 4) -> list[pathlib.Path]:
   """Detections (score >= config.display_threshold, else the few best, dashed) and a Figure-4
   strip of per-stage boxes for a few eval images, drawn on the resized images the model saw,
   enlarged to a readable size (visualize.save_prediction)."""
-  batch = next(iter(pipeline.eval_iterator(config.data, source)))
+  batch = next(iter(pipeline.eval_iterator(config.data, source,
+                                           size_divisibility=size_divisibility)))
   dets = jax.device_get(predict_fn(variables, pipeline.make_global_batch(batch, mesh)))
   paths = []
   for i in np.flatnonzero(batch["valid"])[:num_images]:
@@ -60,15 +61,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   eval_source = pipeline.load_source(config.data, "eval") if evaluate else None
 
   @functools.cache
-  def predict_fn():
-    """Built once per run (every evaluation reuses its compilation), from the dataset info
-    the trainer saved."""
+  def model():
+    """The model of the dataset info the trainer saved."""
     info = info_lib.DatasetInfo.load(workdir)
-    return inference.make_predict_fn(detector.build_model(config.model, info.num_classes), mesh)
+    return detector.build_model(config.model, info.num_classes)
+
+  @functools.cache
+  def predict_fn():
+    """Built once per run: every evaluation reuses its compilation."""
+    return inference.make_predict_fn(model(), mesh)
 
   def evaluate_fn(state, step):
     metrics = inference.evaluate_split(predict_fn(), state.eval_variables(), config, mesh,
-                                       eval_source)
+                                       eval_source,
+                                       size_divisibility=model().backbone.size_divisibility)
     log.info("step %d: AP %.4f AP50 %.4f", step, metrics["AP"], metrics["AP50"])
     return _eval_scalars(metrics)
 
@@ -80,14 +86,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return None
   step, variables = int(state.step), state.eval_variables()
   metrics = inference.evaluate_split(predict_fn(), variables, config, mesh, eval_source,
-                                     results_path=workdir / f"detections_step{step}.json")
+                                     results_path=workdir / f"detections_step{step}.json",
+                                     size_divisibility=model().backbone.size_divisibility)
   if jax.process_index() == 0:
     weights = ", the weights' moving average" if state.ema_params else ""
     print(f"\nCOCO evaluation at step {step} ({metrics['num_images']} images{weights}):")
     print(evaluation.format_table(metrics))
     (workdir / f"eval_step{step}.json").write_text(json.dumps(metrics, indent=1))
     curves.write(step, _eval_scalars(metrics))
-    paths = draw_examples(predict_fn(), variables, config, mesh, eval_source, workdir)
+    paths = draw_examples(predict_fn(), variables, config, mesh, eval_source, workdir,
+                          model().backbone.size_divisibility)
     paths.append(curves.plot())
     print("Pictures: " + ", ".join(str(p) for p in paths if p is not None))
   return metrics

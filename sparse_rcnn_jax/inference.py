@@ -74,14 +74,16 @@ def predict_dataset(predict_fn, variables, batches: Iterable[dict], mesh,
 
 
 def evaluate_split(predict_fn, variables, config: ml_collections.ConfigDict, mesh,
-                   source, results_path=None) -> dict:
+                   source, results_path=None, *, size_divisibility: int) -> dict:
   """Runs `predict_fn` (make_predict_fn's, built once per run and reused) on every image of
-  the eval `source` and evaluates the detections with COCOeval.
+  the eval `source`, padded to multiples of `size_divisibility` (the model's backbone's), and
+  evaluates the detections with COCOeval.
 
   Returns the metrics of evaluation.evaluate (AP, AP50, ..., per-class AP). The lead host
   writes the detections to `results_path` if given.
   """
-  batches = pipeline.SkipReport(source, "eval").follow(pipeline.eval_iterator(config.data, source))
+  batches = pipeline.SkipReport(source, "eval").follow(
+      pipeline.eval_iterator(config.data, source, size_divisibility=size_divisibility))
   results = predict_dataset(predict_fn, variables, batches, mesh, source.label_to_category_id)
   if results_path is not None and jax.process_index() == 0:
     evaluation.write_results(results, results_path)

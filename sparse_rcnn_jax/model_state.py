@@ -1,10 +1,11 @@
 """The model's state: built, initialized and restored in one place for every program.
 
 Training builds a fresh `TrainState` (random weights, then any pretrained weights the config
-names, and the optimizer of optim.py) with `new_state`; evaluation, prediction and resuming
-restore one from a checkpoint against `abstract_state`, the shapes of what `new_state` builds,
-computed by the same code without allocating it.
+names, then those of `model.init_from`, and the optimizer of optim.py) with `new_state`;
+evaluation, prediction and resuming restore one from a checkpoint against `abstract_state`, the
+shapes of what `new_state` builds, computed by the same code without allocating it.
 """
+import dataclasses
 import logging
 import pathlib
 from typing import Any
@@ -12,15 +13,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from flax import traverse_util
 from flax.training import train_state
 
 from sparse_rcnn_jax import checkpointing
 from sparse_rcnn_jax import detector
 from sparse_rcnn_jax import ema
+from sparse_rcnn_jax import init_from as init_from_lib
 from sparse_rcnn_jax import optim
+from sparse_rcnn_jax import run_files
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax.convert import checkpoint_io
+from sparse_rcnn_jax.convert import name_table
 from sparse_rcnn_jax.convert import official
+from sparse_rcnn_jax.data import info as info_lib
+from sparse_rcnn_jax.head_config import HeadConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +54,91 @@ def _random_variables(model, rng, image_shape: tuple[int, int]) -> dict:
 
 
 def init_variables(model: detector.SparseRCNN, config: ml_collections.ConfigDict,
-                   rng: jax.Array, image_shape: tuple[int, int]) -> dict:
-  """Randomly initialized variables, then the pretrained weights the config names, if any."""
-  weights = config.model.official_checkpoint or config.model.torchvision_weights
-  if weights and config.model.backbone.name != "resnet":
-    raise ValueError(f"{weights} holds ResNet weights, but config.model.backbone.name is "
-                     f"{config.model.backbone.name!r}; clear model.official_checkpoint and "
-                     "model.torchvision_weights, or use the resnet backbone.")
+                   rng: jax.Array, image_shape: tuple[int, int],
+                   workdir: str | pathlib.Path | None = None) -> dict:
+  """Randomly initialized variables, then the pretrained backbone weights the config names, if
+  any, then every tensor of `model.init_from` whose path and shape fit (init_from.py; what was
+  loaded and what not is logged). `workdir` is the run's own, which init_from may not name."""
+  init_from = (_init_from_path(config.model.init_from, workdir) if config.model.init_from
+               else None)
+  weights = config.model.backbone.get("weights", "")  # runs saved before the field: none
+  pretrained = model.backbone.pretrained(weights) if weights else None
   variables = jax.jit(lambda r: _random_variables(model, r, image_shape))(rng)
-  if config.model.official_checkpoint:
-    state = checkpoint_io.load_state_dict(config.model.official_checkpoint)
-    variables = official.from_official(state, model.head, config.model.backbone.depth)
-    log.info("Loaded the official checkpoint %s", config.model.official_checkpoint)
-  elif config.model.torchvision_weights:
-    state = checkpoint_io.load_state_dict(config.model.torchvision_weights)
-    variables = official.backbone_from_torchvision(state, variables,
-                                                   config.model.backbone.depth)
-    log.info("Loaded torchvision backbone weights %s", config.model.torchvision_weights)
+  if pretrained is not None:
+    variables = with_backbone(variables, pretrained, f"model.backbone.weights={weights}")
+    log.info("Backbone %s: loaded its %s weights", config.model.backbone.name, weights)
+  if init_from is not None:
+    variables, report = load_init_from(init_from, model, config, variables)
+    log.info("%s", "\n".join(report.lines()))
   return jax.tree.map(jnp.asarray, variables)
+
+
+def with_backbone(variables: dict, backbone: dict, what: str) -> dict:
+  """`variables` with the backbone's {"params", "batch_stats"} replaced by `backbone`'s, which
+  must have exactly their paths and shapes (a ValueError lists every difference)."""
+  current = {c: variables.get(c, {}).get("backbone", {}) for c in ("params", "batch_stats")}
+  want = {"/".join(k): np.shape(v) for k, v in traverse_util.flatten_dict(current).items()}
+  got = {"/".join(k): v for k, v in traverse_util.flatten_dict(backbone).items()}
+  name_table.check(got, want, f"{what}: the file")
+  return {**variables, **{c: {**variables.get(c, {}), "backbone": backbone[c]}
+                          for c in ("params", "batch_stats") if c in backbone}}
+
+
+def _init_from_path(init_from: str, workdir: str | pathlib.Path | None) -> pathlib.Path:
+  """`model.init_from` as a path, once it is known to name something to start from."""
+  path = pathlib.Path(init_from)
+  usage = ("model.init_from takes the workdir of an earlier training run or an official Sparse "
+           "R-CNN checkpoint file (.pth / .npz)")
+  if not path.exists():
+    raise FileNotFoundError(f"model.init_from={init_from}: {path.resolve()} does not exist; "
+                            f"{usage}.")
+  if workdir is not None and path.resolve() == pathlib.Path(workdir).resolve():
+    raise ValueError(
+        f"model.init_from={init_from} is this run's own workdir. Resuming is automatic: run the "
+        "same command without --config.model.init_from and training continues from the newest "
+        "checkpoint there. init_from starts a new run (another --workdir) from a run's weights.")
+  if path.is_dir() and not checkpointing.has_checkpoint(path):
+    raise FileNotFoundError(f"model.init_from={init_from}: {path.resolve() / 'checkpoints'} "
+                            f"holds no checkpoint; {usage}.")
+  return path
+
+
+def _architecture(head: HeadConfig, backbone) -> dict:
+  """A model's config as the notes of an init_from report compare it: the head's fields and
+  the backbone's, as `backbone.depth` and so on."""
+  fields = {**dataclasses.asdict(head), **{f"backbone.{k}": v for k, v in backbone.items()}}
+  # A config read back from a run's config.json holds lists where the config file has tuples.
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
+def _source_variables(path: pathlib.Path, model: detector.SparseRCNN) -> tuple[dict, str, dict]:
+  """(variables, what they are, their model's `_architecture`) of an init_from source: the
+  newest checkpoint of a run's workdir, restored with the config and dataset info saved there
+  (its moving average of the weights when the run kept one), or an official checkpoint file,
+  converted for the head and ResNet its tensors show."""
+  if path.is_dir():
+    config = run_files.load_config(path)
+    source = detector.build_model(config.model, info_lib.DatasetInfo.load(path).num_classes)
+    variables, step = restore_variables(source, config, path, sharding.make_mesh())
+    weights = "its moving average of the weights" if config.train.ema_decay > 0 else "its weights"
+    return (variables, f"{path} (step {step}, {weights})",
+            _architecture(source.head, config.model.backbone))
+  state = checkpoint_io.load_state_dict(path)
+  head, depth = official.architecture_of(state, model.head)
+  return (official.from_official(state, head, depth), f"{path} (an official checkpoint)",
+          _architecture(head, {"name": "resnet", "depth": depth}))
+
+
+def load_init_from(path: str | pathlib.Path, model: detector.SparseRCNN,
+                   config: ml_collections.ConfigDict,
+                   variables: dict) -> tuple[dict, init_from_lib.Report]:
+  """`variables` of `model` (built from `config`) with every tensor of the init_from source at
+  `path` whose path and shape fit, and the report of what was loaded (init_from.merge)."""
+  source, what, architecture = _source_variables(pathlib.Path(path), model)
+  merged, report = init_from_lib.merge(source, variables)
+  notes = init_from_lib.differences(architecture,
+                                    _architecture(model.head, config.model.backbone))
+  return merged, dataclasses.replace(report, source=what, notes=notes)
 
 
 def optimizer(model: detector.SparseRCNN, config: ml_collections.ConfigDict, params):
@@ -85,10 +160,12 @@ def create_state(model, variables: dict, tx, seed: int, keep_ema: bool = False) 
 
 
 def new_state(model: detector.SparseRCNN, config: ml_collections.ConfigDict,
-              image_shape: tuple[int, int]) -> TrainState:
-  """A fresh TrainState for training `model` as `config` says (seed, pretrained weights,
-  optimizer)."""
-  variables = init_variables(model, config, jax.random.PRNGKey(config.seed), image_shape)
+              image_shape: tuple[int, int],
+              workdir: str | pathlib.Path | None = None) -> TrainState:
+  """A fresh TrainState for training `model` in `workdir` as `config` says (seed, pretrained
+  weights, init_from, optimizer)."""
+  variables = init_variables(model, config, jax.random.PRNGKey(config.seed), image_shape,
+                             workdir)
   return create_state(model, variables, optimizer(model, config, variables["params"]),
                       config.seed, keep_ema=ema.from_config(config.train) is not None)
 

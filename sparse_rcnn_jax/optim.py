@@ -2,7 +2,9 @@
 
 AdamW with decoupled weight decay on every trainable parameter, clipping by the global norm of
 the whole model's gradient, detectron2's linear warmup then step decay, and the learning rate
-scaled linearly with the global batch. Frozen parameters (the model says which: the backbone's
+scaled linearly with the global batch; the backbone's trainable parameters may learn at a
+fraction of that rate (`backbone_multiplier`, detectron2's SOLVER.BACKBONE_MULTIPLIER: a
+pretrained backbone fine-tuned gently while the head learns from scratch). Frozen parameters (the model says which: the backbone's
 `is_frozen`, e.g. the ResNet's stem and stages below `freeze_at`) are masked out with optax, so
 neither Adam nor weight decay ever moves them. A non-finite gradient skips the update with
 `optax.apply_if_finite`, which also counts such updates in a row in the optimizer state (the
@@ -52,15 +54,21 @@ def learning_rate(optimizer: ml_collections.ConfigDict, batch_size: int,
   return lambda step: warmup(step) * decay(step)
 
 
-def frozen_labels(params, is_frozen: Callable[[tuple[str, ...]], bool]):
-  """A pytree like `params` labelling each leaf "frozen" or "train".
+def frozen_labels(params, is_frozen: Callable[[tuple[str, ...]], bool],
+                  separate_backbone: bool = False):
+  """A pytree like `params` labelling each leaf "frozen" or "train" (or, with
+  `separate_backbone`, "backbone" for the trainable leaves under "backbone").
 
   `is_frozen(path)` says whether the leaf at `path` (e.g. ("backbone", "stem", "conv1",
   "kernel")) is frozen; the detector's `SparseRCNN.is_frozen` asks its backbone.
   """
+  def label(path):
+    if is_frozen(path):
+      return "frozen"
+    return "backbone" if separate_backbone and path[0] == "backbone" else "train"
+
   flat = traverse_util.flatten_dict(params)
-  labels = {k: "frozen" if is_frozen(k) else "train" for k in flat}
-  return traverse_util.unflatten_dict(labels)
+  return traverse_util.unflatten_dict({k: label(k) for k in flat})
 
 
 def make_optimizer(optimizer: ml_collections.ConfigDict, params, *, batch_size: int,
@@ -69,12 +77,26 @@ def make_optimizer(optimizer: ml_collections.ConfigDict, params, *, batch_size: 
   schedule; leaves for which `is_frozen(path)` holds never move. An update whose gradients are
   not all finite is skipped: the params and Adam's moments and count stay as they were."""
   schedule = learning_rate(optimizer, batch_size, num_steps)
-  train = optax.chain(
-      optax.clip_by_global_norm(optimizer.clip_norm),
-      optax.adamw(schedule, b1=optimizer.b1, b2=optimizer.b2, eps=optimizer.eps,
-                  weight_decay=optimizer.weight_decay))
-  masked = optax.multi_transform({"train": train, "frozen": optax.set_to_zero()},
-                                 frozen_labels(params, is_frozen))
+
+  def adamw(lr):
+    return optax.adamw(lr, b1=optimizer.b1, b2=optimizer.b2, eps=optimizer.eps,
+                       weight_decay=optimizer.weight_decay)
+
+  multiplier = optimizer.get("backbone_multiplier", 1.0)  # runs saved before the field: 1
+  if multiplier == 1.0:
+    masked = optax.multi_transform(
+        {"train": optax.chain(optax.clip_by_global_norm(optimizer.clip_norm), adamw(schedule)),
+         "frozen": optax.set_to_zero()}, frozen_labels(params, is_frozen))
+  else:
+    # One clip over every trainable gradient (frozen ones zeroed first), then each group's lr.
+    labels = frozen_labels(params, is_frozen, separate_backbone=True)
+    masked = optax.chain(
+        optax.multi_transform({"frozen": optax.set_to_zero(), "train": optax.identity(),
+                               "backbone": optax.identity()}, labels),
+        optax.clip_by_global_norm(optimizer.clip_norm),
+        optax.multi_transform({"frozen": optax.set_to_zero(), "train": adamw(schedule),
+                               "backbone": adamw(lambda step: multiplier * schedule(step))},
+                              labels))
   tx = optax.apply_if_finite(masked, max_consecutive_errors=np.iinfo(np.int32).max)
   return Optimizer(tx.init, tx.update, schedule)
 

@@ -24,8 +24,8 @@ image_whwh), the signature its users asked for. The cost is its size: about that
 parameters (float32, 4 bytes each, also for a bfloat16 model, which casts them where used).
 
 The batch is symbolic by default: one artifact serves every batch size, compiled at the first
-call of each. H and W are fixed, multiples of the backbone's coarsest stride (32 for the
-ResNet). The model chooses RoIAlign's form by platform when it is traced (roi_align "auto"),
+call of each. H and W are fixed, multiples of the backbone's `size_divisibility` (its
+coarsest stride, 32 for every backbone here). The model chooses RoIAlign's form by platform when it is traced (roi_align "auto"),
 and one artifact holds one traced program for all its platforms, so "auto" is resolved here
 for the target platforms, which must agree on it.
 
@@ -53,25 +53,21 @@ BATCH_DIM = "b"
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
-def default_image_size(data: ml_collections.ConfigDict) -> tuple[int, int]:
+def default_image_size(data: ml_collections.ConfigDict,
+                       size_divisibility: int) -> tuple[int, int]:
   """(H, W) evaluation pads a landscape image of the test size to: the smallest of
   `config.data.buckets` (or of batching's default rule: test_scale and max_size rounded up to
-  multiples of 32) that holds a test_scale x max_size image."""
+  multiples of the backbone's `size_divisibility`) that holds a test_scale x max_size image."""
   buckets = [tuple(int(v) for v in b) for b in data.buckets] or batching.default_buckets(
-      data.test_scale, data.max_size)
+      data.test_scale, data.max_size, size_divisibility)
   return batching.select_bucket(data.test_scale, max(data.max_size, data.test_scale), buckets)
-
-
-def size_divisibility(model: detector.SparseRCNN) -> int:
-  """What H and W must be multiples of: the stride of the backbone's coarsest level."""
-  return 2**max(model.backbone.levels)
 
 
 def check_input_shape(model: detector.SparseRCNN, height: int, width: int,
                       batch: int | None = None) -> None:
   """Raises ValueError, naming the fix, unless H and W are positive multiples of the stride
   and the batch (when fixed) is positive."""
-  multiple = size_divisibility(model)
+  multiple = model.backbone.size_divisibility
   for name, size in (("height", height), ("width", width)):
     if size <= 0 or size % multiple:
       raise ValueError(
@@ -107,17 +103,25 @@ def roi_align_impl_for(impl: str, platforms: Sequence[str]) -> str:
   return next(iter(chosen.values()))
 
 
+def conv_impl_for(platforms: Sequence[str]) -> str:
+  """Convolutions in a program for `platforms`: an ordinary convolution's forward is XLA's
+  whatever conv_impl says (conv_impl chooses its gradients, and an exported program is never
+  differentiated), but a depthwise one's is not: XLA:CPU runs the grouped convolution 13-30x
+  slower than the sum over taps of conv.py's CPU form, which GPUs and TPUs do not need. Every
+  form computes the same function, so a program for CPUs and accelerators together takes
+  XLA's."""
+  return "matmul_grad" if set(platforms) == {"cpu"} else "xla"
+
+
 def serving_model(model: ml_collections.ConfigDict, num_classes: int,
                   platforms: Sequence[str]) -> detector.SparseRCNN:
   """The detector of `config.model` with its platform choices made for `platforms`.
 
-  RoIAlign's form is resolved by `roi_align_impl_for`. Convolutions use "xla": conv_impl only
-  chooses how a convolution is differentiated, the forward is XLA's convolution either way,
-  and an exported program is never differentiated.
+  RoIAlign's form is resolved by `roi_align_impl_for`, convolutions' by `conv_impl_for`.
   """
   check_platforms(platforms)
   impl = roi_align_impl_for(model.get("roi_align_impl", HeadConfig.roi_align_impl), platforms)
-  resolved = ml_collections.ConfigDict({**model.to_dict(), "conv_impl": "xla",
+  resolved = ml_collections.ConfigDict({**model.to_dict(), "conv_impl": conv_impl_for(platforms),
                                         "roi_align_impl": impl})
   return detector.build_model(resolved, num_classes)
 
@@ -150,7 +154,7 @@ def export_detector(model: detector.SparseRCNN, variables: dict, height: int, wi
 
   Args:
     variables: {"params", "batch_stats"} as model_state.restore_variables returns them.
-    height, width: H, W of the padded images, multiples of `size_divisibility(model)`.
+    height, width: H, W of the padded images, multiples of `model.backbone.size_divisibility`.
     batch: a fixed batch size, or None for a symbolic one.
     platforms: the platforms to lower for ("cpu", "cuda", "rocm", "tpu"); default: the
       current backend. `model` must have been built for them (serving_model).
@@ -185,7 +189,7 @@ def _shape(aval) -> list:
 
 def contract(exported: jax.export.Exported, model: ml_collections.ConfigDict,
              data: ml_collections.ConfigDict, info: info_lib.DatasetInfo,
-             multiple: int = batching.SIZE_DIVISIBILITY) -> dict:
+             multiple: int) -> dict:
   """What a caller of the artifact needs to know, as JSON-ready data: the inputs (`multiple`:
   size_divisibility), the outputs, the classes (`class_names[label]`, `category_ids[label]`),
   the model dtype and the platforms."""

@@ -147,16 +147,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   if jax.process_index() == 0:
     run_files.save(workdir, config, source.info)
   model = detector.build_model(config.model, source.num_classes)
-  shapes = pipeline.batch_shapes(config.data, "train")
+  multiple = model.backbone.size_divisibility
+  shapes = pipeline.batch_shapes(config.data, "train", size_divisibility=multiple)
   log.info("Training compiles %d batch shape(s): %s", len(shapes), shapes)
 
-  state = jax.device_put(model_state.new_state(model, config, shapes[0]),
-                         sharding.replicated(mesh))
-
   manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
-  batches = pipeline.train_iterator(config.data, source)
-  restored = checkpointing.restore(manager, checkpointing.abstract_like(state))
-  if restored is not None:
+  batches = pipeline.train_iterator(config.data, source, size_divisibility=multiple)
+  # Only a fresh run builds its state: a resumed one never reads pretrained or init_from weights.
+  restored = checkpointing.restore(
+      manager, model_state.abstract_state(model, config, mesh, shapes[0]))
+  if restored is None:
+    state = jax.device_put(model_state.new_state(model, config, shapes[0], workdir),
+                           sharding.replicated(mesh))
+  else:
     state, data_state = restored
     batches.set_state(data_state)
     log.info("Resumed from step %d in %s", int(state.step), workdir)

@@ -252,7 +252,8 @@ def merge_detections(boxes, scores, labels, image_hw: tuple[int, int], vote_iou:
 
 
 def scale_resize(data: ml_collections.ConfigDict, image_sizes: np.ndarray | None, min_size: int,
-                 max_size: int) -> tuple[transforms.AugmentConfig, list[tuple[int, int]]]:
+                 max_size: int, size_divisibility: int
+                 ) -> tuple[transforms.AugmentConfig, list[tuple[int, int]]]:
   """The resize to short side `min_size` (long side at most `max_size`) and its bucket shapes,
   for pipeline.eval_iterator.
 
@@ -268,8 +269,8 @@ def scale_resize(data: ml_collections.ConfigDict, image_sizes: np.ndarray | None
                                                max_size)
     longest = int(max(heights.max(), widths.max()))
   usual = min(longest, math.ceil(min_size * data.max_size / data.test_scale))
-  buckets = set(batching.default_buckets(min_size, usual))
-  buckets |= set(batching.default_buckets(min_size, longest))
+  buckets = set(batching.default_buckets(min_size, usual, size_divisibility))
+  buckets |= set(batching.default_buckets(min_size, longest, size_divisibility))
   return transforms.AugmentConfig(scales=(min_size,), max_size=max_size), sorted(buckets)
 
 
@@ -282,8 +283,9 @@ def _with_scale_range(batches, scale_range: tuple[float, float]):
 
 
 def predict_all_scales(predict_fn, variables, config: ml_collections.ConfigDict, mesh, source,
-                       tta: TtaSettings) -> tuple[dict, dict]:
-  """Every scale's kept detections of every image of `source`, in original-image pixels.
+                       tta: TtaSettings, size_divisibility: int) -> tuple[dict, dict]:
+  """Every scale's kept detections of every image of `source`, in original-image pixels,
+  images padded to multiples of `size_divisibility` (the backbone's).
 
   Returns ({image_id: [(boxes [n, 4], scores [n], labels [n]), ...] in the order scale 0
   plain, scale 0 mirrored, scale 1 plain, ...}, {image_id: (h, w)}), on every host.
@@ -295,8 +297,9 @@ def predict_all_scales(predict_fn, variables, config: ml_collections.ConfigDict,
     for min_size, scale_range in zip(tta.min_sizes, tta.scale_ranges):
       progress.set_postfix(short_side=min_size)
       batches = pipeline.eval_iterator(
-          config.data, source,
-          resize=scale_resize(config.data, source.image_sizes, min_size, tta.max_size))
+          config.data, source, size_divisibility=size_divisibility,
+          resize=scale_resize(config.data, source.image_sizes, min_size, tta.max_size,
+                              size_divisibility))
       for dets, local in inference.gathered_predictions(
           predict_fn, variables, _with_scale_range(batches, scale_range), mesh,
           PREDICTION_KEYS):
@@ -316,15 +319,17 @@ def predict_all_scales(predict_fn, variables, config: ml_collections.ConfigDict,
 
 
 def evaluate_split(predict_fn, variables, config: ml_collections.ConfigDict, mesh, source,
-                   results_path=None) -> dict:
+                   results_path=None, *, size_divisibility: int) -> dict:
   """COCO evaluation of the eval `source` with test-time augmentation (module docstring).
 
-  `predict_fn` is make_predict_fn's with flip=config.tta.flip, built once per run. Returns the
+  `predict_fn` is make_predict_fn's with flip=config.tta.flip, built once per run; images are
+  padded to multiples of `size_divisibility` (the model's backbone's). Returns the
   metrics of evaluation.evaluate; the lead host writes the merged detections to
   `results_path` if given.
   """
   tta = TtaSettings.from_config(config)
-  per_image, sizes = predict_all_scales(predict_fn, variables, config, mesh, source, tta)
+  per_image, sizes = predict_all_scales(predict_fn, variables, config, mesh, source, tta,
+                                        size_divisibility)
   results = []
   for image_id, found in per_image.items():
     boxes, scores, labels = (np.concatenate(parts) for parts in zip(*found))

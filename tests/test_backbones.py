@@ -2,6 +2,7 @@
 the optimizer's frozen parameters; an unknown name is refused with the choices."""
 import pathlib
 import sys
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -29,6 +30,9 @@ class TwoConvs(nn.Module):
   conv_impl: str = "auto"
   dtype: str = "float32"
 
+  pixel_mean: ClassVar[tuple[float, float, float]] = (100.0, 110.0, 120.0)
+  pixel_std: ClassVar[tuple[float, float, float]] = (50.0, 60.0, 70.0)
+
   @classmethod
   def from_config(cls, backbone: ml_collections.ConfigDict, *, dtype: str,
                   conv_impl: str) -> "TwoConvs":
@@ -38,12 +42,20 @@ class TwoConvs(nn.Module):
   def levels(self) -> tuple[int, ...]:
     return (3, 4)
 
+  @property
+  def size_divisibility(self) -> int:
+    return 16
+
   def is_frozen(self, path: tuple[str, ...]) -> bool:
     return self.frozen_fine and path[0] == "fine"
+
+  def pretrained(self, weights: str) -> dict:
+    raise ValueError(f"TwoConvs has no pretrained weights ({weights}).")
 
   @nn.compact
   def __call__(self, x: jax.Array) -> dict[int, jax.Array]:
     """x: [B, H, W, 3] -> {3: [B, H/8, W/8, C], 4: [B, H/16, W/16, 2C]}."""
+    self.sow("intermediates", "pixels", x)
     fine = nn.relu(nn.Conv(self.channels, (8, 8), strides=8, name="fine")(x))
     coarse = nn.relu(nn.Conv(2 * self.channels, (3, 3), strides=2, name="coarse")(fine))
     return {3: fine, 4: coarse}
@@ -62,7 +74,7 @@ def toy_config(monkeypatch):
 def test_unknown_name_lists_the_choices():
   config = tiny.get_config()
   config.model.backbone.name = "vgg"
-  with pytest.raises(ValueError, match=r"backbone.name 'vgg'.*\['resnet'\]"):
+  with pytest.raises(ValueError, match=r"backbone.name 'vgg'.*\['efficientnet_lite', 'mobilenet_v2', 'resnet'\]"):
     detector.build_model(config.model)
 
 
@@ -110,6 +122,17 @@ def test_fpn_and_roi_align_use_the_backbones_levels(toy_config):
                                   sampling_ratio=cfg.sampling_ratio,
                                   canonical_box_size=cfg.canonical_box_size)
     np.testing.assert_allclose(head["roi_features"][0], roi, rtol=1e-5, atol=1e-5)
+
+
+def test_pixels_are_normalized_with_the_backbones_statistics(toy_config):
+  model = detector.build_model(toy_config.model)
+  images = np.random.default_rng(0).integers(0, 256, (1, 32, 48, 3), np.uint8)
+  whwh = jnp.array([[48.0, 32.0, 48.0, 32.0]])
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, whwh)
+  _, state = model.apply(variables, images, whwh, mutable=["intermediates"])
+  (pixels,) = state["intermediates"]["backbone"]["pixels"]
+  expected = (images - np.array([100.0, 110.0, 120.0])) / np.array([50.0, 60.0, 70.0])
+  np.testing.assert_allclose(pixels, expected, rtol=1e-6)
 
 
 def test_trains_with_the_backbones_frozen_parameters(toy_config):

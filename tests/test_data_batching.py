@@ -7,13 +7,13 @@ from sparse_rcnn_jax.data import source as source_lib
 
 
 def test_default_buckets_hold_every_image_of_the_recipe():
-  assert batching.default_buckets(800, 1333) == ((800, 1344), (1344, 800), (1344, 1344))
-  assert batching.default_buckets(64, 64) == ((64, 64),)
+  assert batching.default_buckets(800, 1333, 32) == ((800, 1344), (1344, 800), (1344, 1344))
+  assert batching.default_buckets(64, 64, 32) == ((64, 64),)
   rng = np.random.default_rng(0)
   for h, w in zip(rng.integers(1, 801, 100), rng.integers(1, 1334, 100)):
     for hh, ww in ((h, w), (w, h)):
       if min(hh, ww) <= 800:
-        bucket = batching.select_bucket(hh, ww, batching.default_buckets(800, 1333))
+        bucket = batching.select_bucket(hh, ww, batching.default_buckets(800, 1333, 32))
         assert bucket[0] >= hh and bucket[1] >= ww and bucket[0] % 32 == bucket[1] % 32 == 0
 
 

@@ -56,14 +56,14 @@ def test_default_config_and_batch_shapes():
   config = data_config.default_config()
   assert config.train_scales == tuple(range(480, 801, 32)) and config.max_size == 1333
   assert config.on_bad_image == "skip" and config.on_bad_annotation == "error"
-  assert pipeline.batch_shapes(config) == [(800, 1344), (1344, 800), (1344, 1344)]
+  assert pipeline.batch_shapes(config, size_divisibility=32) == [(800, 1344), (1344, 800), (1344, 1344)]
   config.test_scale = 600
-  assert pipeline.batch_shapes(config, "eval") == [(608, 1344), (1344, 608), (1344, 1344)]
+  assert pipeline.batch_shapes(config, "eval", size_divisibility=32) == [(608, 1344), (1344, 608), (1344, 1344)]
   config.buckets = ((64, 96), (96, 64))
-  assert pipeline.batch_shapes(config, "eval") == [(64, 96), (96, 64)]
+  assert pipeline.batch_shapes(config, "eval", size_divisibility=32) == [(64, 96), (96, 64)]
   config.buckets = ((64, 100),)
   with pytest.raises(ValueError, match="multiples of 32"):
-    pipeline.batch_shapes(config)
+    pipeline.batch_shapes(config, size_divisibility=32)
 
 
 def _bright_box(image):
@@ -75,9 +75,9 @@ def _bright_box(image):
 def test_train_batches_follow_the_contract(folder, crop):
   config = tiny_config(*folder, crop=crop, crop_scales=(40, 56), crop_size=(24, 40))
   source = pipeline.load_source(config, "train")
-  batches = take(pipeline.train_iterator(config, source), 6)
-  plan = pipeline.TrainPlan(pipeline.Planner(source, config, "train", 4, 0, 1), config.seed)
-  shapes = pipeline.batch_shapes(config)
+  batches = take(pipeline.train_iterator(config, source, size_divisibility=32), 6)
+  plan = pipeline.TrainPlan(pipeline.Planner(source, config, "train", 4, 0, 1, size_divisibility=32), config.seed)
+  shapes = pipeline.batch_shapes(config, size_divisibility=32)
   for step, batch in enumerate(batches):
     assert batch["image"].dtype == np.uint8 and batch["image"].shape[0] == 4
     assert tuple(batch["image"].shape[1:3]) in shapes
@@ -104,10 +104,10 @@ def test_train_batches_follow_the_contract(folder, crop):
 def test_training_is_deterministic_grouped_and_covers_each_epoch(folder):
   config = tiny_config(*folder)
   source = pipeline.load_source(config, "train")
-  first = take(pipeline.train_iterator(config, source), 4)
-  assert_same_batches(first, take(pipeline.train_iterator(config, source), 4))
+  first = take(pipeline.train_iterator(config, source, size_divisibility=32), 4)
+  assert_same_batches(first, take(pipeline.train_iterator(config, source, size_divisibility=32), 4))
   config.seed = 1
-  other = take(pipeline.train_iterator(config, source), 4)
+  other = take(pipeline.train_iterator(config, source, size_divisibility=32), 4)
   assert any((a["image_id"] != b["image_id"]).any() for a, b in zip(first, other))
   for epoch in (first[:2], first[2:]):  # 11 images, batch 4: 2 batches per epoch.
     ids = np.concatenate([b["image_id"] for b in epoch])
@@ -122,7 +122,7 @@ def test_training_is_deterministic_grouped_and_covers_each_epoch(folder):
 
 def _mixed_orientation_batches(source, config, epochs):
   """How many planned training batches mix landscape and portrait output images."""
-  plan = pipeline.TrainPlan(pipeline.Planner(source, config, "train", 4, 0, 1), seed=0)
+  plan = pipeline.TrainPlan(pipeline.Planner(source, config, "train", 4, 0, 1, size_divisibility=32), seed=0)
   augment = pipeline.augment_config(config, "train")
   mixed = 0
   for epoch in range(epochs):
@@ -138,11 +138,11 @@ def _mixed_orientation_batches(source, config, epochs):
 def test_resuming_from_state_continues_with_the_same_batches(folder):
   config = tiny_config(*folder)
   source = pipeline.load_source(config, "train")
-  iterator = pipeline.train_iterator(config, source)
+  iterator = pipeline.train_iterator(config, source, size_divisibility=32)
   take(iterator, 3)
   state = iterator.get_state()
   expected = take(iterator, 3)
-  resumed = pipeline.train_iterator(config, source)
+  resumed = pipeline.train_iterator(config, source, size_divisibility=32)
   resumed.set_state(state)
   assert_same_batches(expected, take(resumed, 3))
 
@@ -150,8 +150,8 @@ def test_resuming_from_state_continues_with_the_same_batches(folder):
 def test_hosts_read_disjoint_slots_of_one_global_batch(folder):
   config = tiny_config(*folder)
   source = pipeline.load_source(config, "train")
-  single = take(pipeline.train_iterator(config, source), 4)
-  hosts = [take(pipeline.train_iterator(config, source, p, 2), 4) for p in range(2)]
+  single = take(pipeline.train_iterator(config, source, size_divisibility=32), 4)
+  hosts = [take(pipeline.train_iterator(config, source, p, 2, size_divisibility=32), 4) for p in range(2)]
   for step, batch in enumerate(single):
     parts = [h[step] for h in hosts]
     assert all(p["image"].shape[1:] == batch["image"].shape[1:] for p in parts)  # Same bucket.
@@ -164,7 +164,7 @@ def test_eval_reads_every_image_once_across_hosts(folder):
   source = pipeline.load_source(config, "eval")
   raw = json.loads(pathlib.Path(folder[0]).read_text())
   boxes = {a["image_id"]: a["bbox"] for a in raw["annotations"]}
-  per_host = [list(pipeline.eval_iterator(config, source, p, 2)) for p in range(2)]
+  per_host = [list(pipeline.eval_iterator(config, source, p, 2, size_divisibility=32)) for p in range(2)]
   assert len(per_host[0]) == len(per_host[1]) == 3  # ceil(11 / 4) global batches.
   seen = []
   for batch in (b for host in per_host for b in host):
@@ -190,14 +190,14 @@ def test_undecodable_images_leave_an_empty_slot_or_fail_by_policy(folder):
   config = tiny_config(ann_path, image_dir, eval_batch_size=11, check="off")
   source = pipeline.load_source(config, "eval")
   assert len(source) == 11
-  (batch,) = list(pipeline.eval_iterator(config, source))
+  (batch,) = list(pipeline.eval_iterator(config, source, size_divisibility=32))
   assert batch["valid"].sum() == 10 and 3 not in batch["image_id"]
   empty = np.nonzero(~batch["valid"])[0][0]
   assert batch["image"][empty].max() == 0 and not batch["gt_mask"][empty].any()
   assert batch["skipped"].tolist() == [2 if i == empty else -1 for i in range(11)]
   config.on_bad_image = "error"
   with pytest.raises(source_lib.BadImageError, match="0003.jpg"):
-    list(pipeline.eval_iterator(config, source))
+    list(pipeline.eval_iterator(config, source, size_divisibility=32))
   # With it (the default), the file is left out before the first batch, or stops the run.
   config.check = "headers"
   with pytest.raises(source_lib.DataError, match=r"(?s)1 x unreadable header.*0003\.jpg"):
@@ -216,9 +216,9 @@ def test_a_bad_image_mid_run_changes_nothing_else_and_resume_stays_exact(folder)
   ann_path, image_dir = folder
   config = tiny_config(ann_path, image_dir, check="off")
   source = pipeline.load_source(config, "train")
-  intact = take(pipeline.train_iterator(config, source), 9)  # 11 images, 2 per epoch: 4+ epochs
+  intact = take(pipeline.train_iterator(config, source, size_divisibility=32), 9)  # 11 images, 2 per epoch: 4+ epochs
   pathlib.Path(image_dir, "0005.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
-  damaged = take(pipeline.train_iterator(config, source), 9)
+  damaged = take(pipeline.train_iterator(config, source, size_divisibility=32), 9)
   bad_draws = 0
   for good, bad in zip(intact, damaged):
     lost = (good["image_id"] == 5)
@@ -229,9 +229,9 @@ def test_a_bad_image_mid_run_changes_nothing_else_and_resume_stays_exact(folder)
       np.testing.assert_array_equal(bad[key][~lost], good[key][~lost], err_msg=key)
     np.testing.assert_array_equal(bad["image_id"], np.where(lost, -1, good["image_id"]))
   assert bad_draws >= 2  # Image 5 was drawn (twice or more) in these epochs.
-  iterator = pipeline.train_iterator(config, source)
+  iterator = pipeline.train_iterator(config, source, size_divisibility=32)
   take(iterator, 4)
-  resumed = pipeline.train_iterator(config, source)
+  resumed = pipeline.train_iterator(config, source, size_divisibility=32)
   resumed.set_state(iterator.get_state())
   assert_same_batches(damaged[4:], take(resumed, 5))
 
@@ -242,7 +242,7 @@ def test_skipped_images_are_summarized_once_per_epoch(folder, caplog):
   source = pipeline.load_source(config, "train")
   pathlib.Path(image_dir, "0005.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
   report = pipeline.SkipReport(source, "train")
-  batches = pipeline.train_iterator(config, source)
+  batches = pipeline.train_iterator(config, source, size_divisibility=32)
   with caplog.at_level(logging.WARNING):
     for _ in range(3 * 2 + 1):  # Three whole epochs of 2 batches, and one batch of the fourth.
       report.add(next(batches))
@@ -260,24 +260,24 @@ def test_skipped_images_are_summarized_once_per_epoch(folder, caplog):
 def test_images_with_more_boxes_than_slots_are_refused_up_front(folder):
   config = tiny_config(*folder, max_boxes=0)
   with pytest.raises(ValueError, match="raise max_boxes"):
-    pipeline.train_iterator(config, pipeline.load_source(config, "train"))
+    pipeline.train_iterator(config, pipeline.load_source(config, "train"), size_divisibility=32)
 
 
 def test_a_training_set_smaller_than_a_batch_is_refused(folder):
   config = tiny_config(*folder, batch_size=12)
   with pytest.raises(ValueError, match="11 images, fewer than the global batch size 12"):
-    pipeline.train_iterator(config, pipeline.load_source(config, "train"))
+    pipeline.train_iterator(config, pipeline.load_source(config, "train"), size_divisibility=32)
 
 
 def test_two_worker_processes_give_the_same_batches_and_state(folder):
   config = tiny_config(*folder)
   source = pipeline.load_source(config, "train")
-  expected = take(pipeline.train_iterator(config, source), 5)
+  expected = take(pipeline.train_iterator(config, source, size_divisibility=32), 5)
   config.num_workers = 2
-  iterator = pipeline.train_iterator(config, source)
+  iterator = pipeline.train_iterator(config, source, size_divisibility=32)
   assert_same_batches(expected[:3], take(iterator, 3))
   state = iterator.get_state()
-  resumed = pipeline.train_iterator(config, source)
+  resumed = pipeline.train_iterator(config, source, size_divisibility=32)
   resumed.set_state(state)
   assert_same_batches(expected[3:], take(resumed, 2))
   iterator.close()
@@ -287,15 +287,15 @@ def test_two_worker_processes_give_the_same_batches_and_state(folder):
 def test_device_prefetch_checkpoints_the_batches_handed_out(folder):
   config = tiny_config(*folder)
   source = pipeline.load_source(config, "train")
-  expected = take(pipeline.train_iterator(config, source), 5)
+  expected = take(pipeline.train_iterator(config, source, size_divisibility=32), 5)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  device_batches = pipeline.DevicePrefetch(pipeline.train_iterator(config, source), mesh, size=2)
+  device_batches = pipeline.DevicePrefetch(pipeline.train_iterator(config, source, size_divisibility=32), mesh, size=2)
   got = take(device_batches, 2)
   assert isinstance(got[0]["image"], jax.Array)
   expected = [_host_keys_dropped(b) for b in expected]
   assert_same_batches(expected[:2], [jax.device_get(b) for b in got])
   state = device_batches.get_state()
-  resumed = pipeline.DevicePrefetch(pipeline.train_iterator(config, source), mesh)
+  resumed = pipeline.DevicePrefetch(pipeline.train_iterator(config, source, size_divisibility=32), mesh)
   resumed.set_state(state)
   assert_same_batches(expected[2:], [jax.device_get(b) for b in take(resumed, 3)])
 
@@ -304,7 +304,7 @@ def test_eval_device_prefetch_stops(folder):
   config = tiny_config(*folder)
   source = pipeline.load_source(config, "eval")
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  assert len(list(pipeline.DevicePrefetch(pipeline.eval_iterator(config, source), mesh))) == 3
+  assert len(list(pipeline.DevicePrefetch(pipeline.eval_iterator(config, source, size_divisibility=32), mesh))) == 3
 
 
 def test_global_batch_is_sharded_along_data_on_8_devices():
@@ -342,8 +342,8 @@ def test_coco128_eval_pass(data_dir):
   source = pipeline.load_source(config, "eval")
   assert isinstance(source, coco.CocoSource)
   ids, boxes = [], 0
-  for batch in pipeline.eval_iterator(config, source):
-    assert tuple(batch["image"].shape[1:3]) in pipeline.batch_shapes(config, "eval")
+  for batch in pipeline.eval_iterator(config, source, size_divisibility=32):
+    assert tuple(batch["image"].shape[1:3]) in pipeline.batch_shapes(config, "eval", size_divisibility=32)
     ids.extend(batch["image_id"][batch["valid"]])
     boxes += batch["gt_mask"].sum()
   assert sorted(ids) == sorted(source.table.image_ids.tolist())
@@ -356,6 +356,6 @@ def test_bccd_train_batches(data_dir):
   config.update(train_ann=str(root / "instances_trainval.json"),
                 train_images=str(root / "JPEGImages"), train_scales=(96, 128), max_size=192,
                 batch_size=4, num_workers=0)
-  batch = next(pipeline.train_iterator(config, pipeline.load_source(config, "train")))
+  batch = next(pipeline.train_iterator(config, pipeline.load_source(config, "train"), size_divisibility=32))
   assert batch["image"].shape == (4, 128, 192, 3)  # All landscape: one bucket.
   assert batch["gt_mask"].sum() > 20 and set(batch["gt_labels"][batch["gt_mask"]]) <= {0, 1, 2}

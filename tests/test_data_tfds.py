@@ -57,9 +57,9 @@ def test_pipeline_reads_a_tfds_source(built):
                  "test_scale": 32, "batch_size": 2, "eval_batch_size": 2, "num_workers": 0})
   train = pipeline.load_source(config, "train")
   assert isinstance(train, tfds_lib.TfdsSource) and train.split == "a"
-  batch = next(pipeline.train_iterator(config, train))
+  batch = next(pipeline.train_iterator(config, train, size_divisibility=32))
   assert batch["image"].shape[0] == 2 and batch["valid"].all()
-  batches = list(pipeline.eval_iterator(config, pipeline.load_source(config, "eval")))
+  batches = list(pipeline.eval_iterator(config, pipeline.load_source(config, "eval"), size_divisibility=32))
   ids = np.concatenate([b["image_id"] for b in batches])
   assert sorted(ids.tolist()) == [-1, 1, 2, 3]
 
@@ -77,5 +77,5 @@ def test_datasets_without_recorded_metadata_still_work(built, tmp_path):
       (1, 48, 64), (2, 64, 48), (3, 40, 40)}
   config = data_config.default_config()
   config.update({"train_scales": (32,), "max_size": 64, "batch_size": 3, "num_workers": 0})
-  batch = next(pipeline.train_iterator(config, source))
+  batch = next(pipeline.train_iterator(config, source, size_divisibility=32))
   assert batch["image"].shape[1:3] == (64, 64)  # Mixed orientations, no grouping without sizes.

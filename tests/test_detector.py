@@ -1,6 +1,7 @@
 """The whole detector: normalization, a tiny forward, and whole-checkpoint conversion."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -13,12 +14,21 @@ from sparse_rcnn_jax.convert import official
 from sparse_rcnn_jax.head_config import HeadConfig
 
 
-def test_normalization_is_rgb_with_spec_statistics():
+@pytest.mark.parametrize("name, mean, std", [
+    ("resnet", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),  # torchvision / official
+    ("mobilenet_v2", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),  # torchvision
+    ("efficientnet_lite", (127.0, 127.0, 127.0), (128.0, 128.0, 128.0))])  # TensorFlow Lite
+def test_normalization_is_rgb_with_the_backbones_statistics(name, mean, std):
+  config = tiny.get_config()
+  config.model.backbone = ml_collections.ConfigDict(dict(name=name, variant=0, depth=18, width=8,
+                                                         norm="frozen_bn", freeze_at=0))
+  model = detector.build_model(config.model)
   image = np.zeros((1, 2, 2, 3), np.uint8)
   image[..., 0] = 255  # pure red
-  out = np.asarray(detector.normalize_images(jnp.asarray(image)))[0, 0, 0]
-  np.testing.assert_allclose(out, [(255 - 123.675) / 58.395, -116.28 / 57.12, -103.53 / 57.375],
-                             rtol=1e-6)
+  out = np.asarray(detector.normalize_images(jnp.asarray(image), model.backbone.pixel_mean,
+                                             model.backbone.pixel_std))[0, 0, 0]
+  expected = [(255 - mean[0]) / std[0], -mean[1] / std[1], -mean[2] / std[2]]
+  np.testing.assert_allclose(out, expected, rtol=1e-6)
 
 
 def test_tiny_detector_forward():

@@ -210,7 +210,10 @@ def test_other_platforms_lower_and_auto_choices_follow_them():
   assert serving.export_detector(model, variables, 64, 64, platforms=["cpu", "cuda"]
                                  ).platforms == ("cpu", "cuda")
   tpu = serving.serving_model(config.model, INFO.num_classes, ["tpu"])
-  assert tpu.head.roi_align_impl == "separable"
+  assert (tpu.head.roi_align_impl, tpu.conv_impl) == ("separable", "xla")
+  # On CPUs alone, depthwise convolutions take the sum over taps (XLA:CPU's grouped convolution
+  # is much slower).
+  assert serving.serving_model(config.model, INFO.num_classes, ["cpu"]).conv_impl == "matmul_grad"
   assert serving.export_detector(tpu, variables, 64, 64, platforms=["tpu"]).platforms == ("tpu",)
   with pytest.raises(ValueError, match="export once per group of platforms"):
     serving.serving_model(config.model, INFO.num_classes, ["cpu", "tpu"])

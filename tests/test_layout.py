@@ -241,16 +241,29 @@ def test_a_json_without_its_image_folder_names_the_folder(tmp_path, name, folder
 
 # configs/custom.py
 
-def test_custom_small_recipe_builds():
+def test_custom_default_recipe_starts_from_imagenet_weights():
   config = custom.get_config()
   assert config.data.source == "coco" and config.data.coco_root == ""
-  assert config.data.test_scale == 256 and config.data.max_size == 384
-  assert config.model.num_proposals == 50 and config.model.num_stages == 3
-  assert config.model.backbone.depth == 18
-  assert custom.get_config("small").to_dict() == config.to_dict()
+  backbone = config.model.backbone
+  assert backbone.weights == "imagenet" and backbone.norm == "frozen_bn"
+  assert backbone.name in ("efficientnet_lite", "mobilenet_v2")
+  assert config.model.num_proposals < 100 and config.data.test_scale < 800
+  assert custom.get_config("pretrained").to_dict() == config.to_dict()
   # coco_root on the command line is all a user sets: it is a field of the config.
   config.data.coco_root = "/some/where"
   assert config.data.coco_root == "/some/where"
+
+
+def test_custom_scratch_recipe_is_the_small_resnet_without_weights():
+  config = custom.get_config("scratch")
+  backbone = config.model.backbone
+  assert backbone.name == "resnet" and backbone.depth == 18 and backbone.width == 16
+  assert backbone.norm == "group_norm" and backbone.freeze_at == 0 and backbone.weights == ""
+  assert config.data.test_scale == 256 and config.data.max_size == 384
+  # The head is the default recipe's: only the backbone, the sizes and the schedule differ.
+  default = custom.get_config()
+  for field in ("num_proposals", "num_stages", "hidden_dim", "dim_feedforward", "dim_dynamic"):
+    assert config.model[field] == default.model[field], field
 
 
 def test_custom_r50_recipe_builds_and_keeps_the_official_model():
@@ -263,7 +276,7 @@ def test_custom_r50_recipe_builds_and_keeps_the_official_model():
 
 
 def test_custom_unknown_recipe():
-  with pytest.raises(ValueError, match="'small'.*'r50'") as error:
+  with pytest.raises(ValueError, match="'pretrained'.*'scratch'.*'r50'") as error:
     custom.get_config("r18")
   assert "r18" in str(error.value)
 
@@ -275,10 +288,13 @@ def _tta_values(tta) -> dict:
 
 def test_scaled_tta_is_the_bccd_tta_and_scales_by_test_scale_over_800():
   official = custom.get_config("r50").tta
-  scaled = custom.scaled_tta(official, 256)
-  bccd_tta = bccd.get_config().tta
-  assert _tta_values(ml_collections.ConfigDict(scaled)) == _tta_values(bccd_tta)
+  bccd_config = bccd.get_config()
+  bccd_tta = bccd_config.tta
+  assert _tta_values(ml_collections.ConfigDict(
+      custom.scaled_tta(official, bccd_config.data.test_scale))) == _tta_values(bccd_tta)
   assert custom.get_config().tta.to_dict() == bccd_tta.to_dict()
+  scaled = custom.scaled_tta(official, 256)
+  assert _tta_values(ml_collections.ConfigDict(scaled)) == _tta_values(custom.get_config("scratch").tta)
   # Independently: each side and bound times 256 / 800, rounded; 10000 (no limit) kept.
   assert tuple(scaled["min_sizes"]) == tuple(round(s * 256 / 800) for s in official.min_sizes)
   assert tuple(scaled["min_sizes"]) == (128, 160, 192, 205, 224, 288, 320, 352, 384, 416, 448,

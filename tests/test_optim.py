@@ -157,3 +157,27 @@ def test_frozen_labels_follow_the_models_predicate():
     labels = optim.frozen_labels(params, detector.build_model(config.model).is_frozen)
     assert {s for s, v in labels["backbone"].items() if v["w"] == "frozen"} == frozen
     assert labels["fpn"]["w"] == "train"
+
+
+def test_the_backbone_learns_at_its_multiplier_after_one_clip_of_everything():
+  config = r50_100pro_3x.get_config()
+  config.optimizer.backbone_multiplier = 0.1
+  rng = np.random.default_rng(1)
+  params = {"backbone": {"stem": {"w": rng.standard_normal(3)},
+                         "res3": {"w": rng.standard_normal(4)}},
+            "head": {"w": rng.standard_normal((2, 2))}}
+  params = jax.tree.map(lambda x: x.astype(np.float32), params)
+  grads = jax.tree.map(lambda x: (3 * rng.standard_normal(x.shape)).astype(np.float32), params)
+  tx = optim.make_optimizer(config.optimizer, params, batch_size=16, num_steps=270_000,
+                            is_frozen=lambda path: path[:2] == ("backbone", "stem"))
+  updates, state = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(new["backbone"]["stem"]["w"], params["backbone"]["stem"]["w"])
+  trainable = {"res3": params["backbone"]["res3"]["w"], "head": params["head"]["w"]}
+  trainable_g = {"res3": grads["backbone"]["res3"]["w"], "head": grads["head"]["w"]}
+  adamw = dict(wd=1e-4, b1=0.9, b2=0.999, eps=1e-8, clip=1.0)
+  head = _torch_adamw_step(trainable, trainable_g, lr=2.5e-7, **adamw)["head"]
+  res3 = _torch_adamw_step(trainable, trainable_g, lr=2.5e-8, **adamw)["res3"]
+  np.testing.assert_allclose(new["head"]["w"], head, rtol=1e-6)
+  np.testing.assert_allclose(new["backbone"]["res3"]["w"], res3, rtol=1e-6)
+  assert int(optim.nonfinite_in_a_row(state)) == 0

@@ -334,7 +334,8 @@ def test_evaluation_at_two_scales_writes_ap(tiny_model, tmp_path):
   source = pipeline.load_source(config.data, "eval")
   results_path = tmp_path / "detections_tta.json"
   metrics = tta.evaluate_split(tiny_model["predict_fn"], tiny_model["variables"], config,
-                               tiny_model["mesh"], source, results_path=results_path)
+                               tiny_model["mesh"], source, results_path=results_path,
+                               size_divisibility=32)
   assert metrics["num_images"] == 3
   assert all(0.0 <= metrics[k] <= 1.0 or metrics[k] == -1.0 for k in ("AP", "AP50", "AR@100"))
   detections = json.loads(results_path.read_text())

@@ -3,31 +3,36 @@
 Layers, paddings and strides follow torchvision's ImageNet ResNets (stride on the 3x3 conv of a
 bottleneck), so converted torchvision or detectron2 weights give the network they were trained
 for, and output sizes equal PyTorch's for any input size. Submodule names mirror detectron2
-(`stem/conv1`, `res2/block0/conv1/norm`, `res3/block0/shortcut`) so that the weight converter in
-`convert/backbone.py` is a plain name map.
+(`stem/conv1`, `res2/block0/conv1/norm`, `res3/block0/shortcut`) so that the weight names are a
+plain table (`detectron2_table`; torchvision's names are renamed to detectron2's first).
 
 The architecture is described once, as data (`resnet_spec`), and both the modules and the
-converter read it.
+name table read it. Pixels are normalized with torchvision's ImageNet statistics (those of the
+official Sparse R-CNN config). No pip package holds ResNet ImageNet weights:
+`model.backbone.weights` takes the path of torchvision's file (e.g. resnet50-0676ba61.pth).
 """
-import math
-from typing import NamedTuple
+from collections.abc import Mapping
+import re
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from sparse_rcnn_jax import conv
 from sparse_rcnn_jax import precision
+from sparse_rcnn_jax.backbones import layers
+from sparse_rcnn_jax.backbones import weights as weights_lib
+from sparse_rcnn_jax.convert import name_table
+from sparse_rcnn_jax.convert.name_table import Entry
 
 # Residual blocks per stage res2..res5.
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGES = ("res2", "res3", "res4", "res5")
 # The parts `freeze_at` freezes, in order: freeze_at = k freezes the first k.
 FREEZABLE = ("stem",) + STAGES
-NORMS = ("frozen_bn", "group_norm")
-# Names of the frozen batch norm's values in the "batch_stats" collection (PyTorch's names).
-BATCH_NORM_STATS = ("weight", "bias", "running_mean", "running_var")
 
 
 class ConvSpec(NamedTuple):
@@ -85,41 +90,104 @@ def resnet_spec(depth: int, width: int = 64) -> ResNetSpec:
   return ResNetSpec(ConvSpec("conv1", 3, width, 7, 2), stages)
 
 
-class FrozenBatchNorm(nn.Module):
-  """Batch norm with fixed statistics and affine: y = x * scale + shift over the last axis.
+def _conv_entries(name: str, path: tuple[str, ...], spec: ConvSpec) -> dict[str, Entry]:
+  """detectron2's `name.weight` and `name.norm.*` of one conv with frozen batch norm."""
+  k = spec.kernel_size
+  entries = layers.conv_norm_entries(f"{name}.weight", f"{name}.norm", path,
+                                     (spec.out_channels, spec.in_channels, k, k))
+  del entries[f"{name}.norm.num_batches_tracked"]  # detectron2's frozen norms keep no counter
+  return entries
 
-  All four values live in the "batch_stats" collection, not in "params", so they are never
-  trained; they start as the identity (weight 1, bias 0, mean 0, var 1). They stay float32 and
-  the affine is applied in float32; the output has the input's dtype.
+
+def detectron2_table(depth: int, width: int) -> dict[str, Entry]:
+  """Every detectron2 ResNet name (e.g. `res3.0.shortcut.norm.bias`) with its flax place."""
+  spec = resnet_spec(depth, width)
+  table = _conv_entries(f"stem.{spec.stem.name}", ("stem", spec.stem.name), spec.stem)
+  for stage, blocks in spec.stages.items():
+    for j, block in enumerate(blocks):
+      for conv_spec in block.convs + ((block.shortcut,) if block.shortcut else ()):
+        table.update(_conv_entries(f"{stage}.{j}.{conv_spec.name}",
+                                   (stage, f"block{j}", conv_spec.name), conv_spec))
+  return table
+
+
+def _stem_width(weight: Any, out_axis: int, where: str) -> int:
+  """The ResNet width (stem channels), read from the stem conv weight."""
+  if np.ndim(weight) != 4:
+    raise ValueError(f"Cannot tell the ResNet width: {where} is missing or not a 4-D conv weight.")
+  return np.shape(weight)[out_axis]
+
+
+def resnet_from_detectron2(state: Mapping[str, np.ndarray], depth: int) -> tuple[dict, dict]:
+  """detectron2 ResNet state dict (names without "backbone.bottom_up.") -> (params, batch_stats).
+
+  The width is read from `stem.conv1.weight`. The result fits `ResNet(depth, width,
+  norm="frozen_bn")`: `apply({"params": params, "batch_stats": batch_stats}, images)`.
   """
-  eps: float = 1e-5
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [..., C] -> [..., C]."""
-    channels = x.shape[-1]
-    init = {"weight": jnp.ones, "bias": jnp.zeros, "running_mean": jnp.zeros,
-            "running_var": jnp.ones}
-    stats = {name: self.variable("batch_stats", name, init[name], (channels,), jnp.float32).value
-             for name in BATCH_NORM_STATS}
-    scale = stats["weight"] * jax.lax.rsqrt(stats["running_var"] + self.eps)
-    shift = stats["bias"] - stats["running_mean"] * scale
-    return (x.astype(jnp.float32) * scale + shift).astype(x.dtype)
+  width = _stem_width(state.get("stem.conv1.weight"), 0,
+                      "'stem.conv1.weight' (for torchvision names use resnet_from_torchvision)")
+  trees = name_table.from_torch(state, detectron2_table(depth, width),
+                                f"detectron2 ResNet-{depth} (width {width}) state dict")
+  return trees["params"], trees["batch_stats"]
 
 
-def make_norm(kind: str, channels: int, dtype: str = "float32") -> nn.Module:
-  """The norm after each conv, named "norm" like detectron2's `conv.norm`.
+def resnet_to_detectron2(params: Mapping[str, Any], batch_stats: Mapping[str, Any],
+                         depth: int) -> dict[str, np.ndarray]:
+  """Inverse of `resnet_from_detectron2`: detectron2 names, PyTorch layouts, NumPy arrays."""
+  kernel = params.get("stem", {}).get("conv1", {}).get("kernel")
+  width = _stem_width(kernel, -1, "params['stem']['conv1']['kernel']")
+  return name_table.to_torch_state({"params": params, "batch_stats": batch_stats},
+                                   detectron2_table(depth, width),
+                                   f"ResNet-{depth} (width {width}) variables")
 
-  group_norm (trainable, for training from scratch) uses 32 groups, or the largest divisor of
-  32 that divides `channels` when there are fewer channels (tiny test networks); its output is
-  in `dtype` (statistics in float32).
+
+_STATS = "|".join(layers.BATCH_NORM_STATS)
+# torchvision names inside a block (or the stem) -> detectron2's.
+_TORCHVISION_RENAMES = (
+    (r"conv(\d)\.weight", r"conv\1.weight"),
+    (rf"bn(\d)\.({_STATS})", r"conv\1.norm.\2"),
+    (r"downsample\.0\.weight", "shortcut.weight"),
+    (rf"downsample\.1\.({_STATS})", r"shortcut.norm.\1"),
+)
+
+
+def _detectron2_name(torchvision_name: str) -> str | None:
+  """`layer1.0.bn2.bias` -> `res2.0.conv2.norm.bias`, `conv1.weight` -> `stem.conv1.weight`;
+  None for a name that is not a torchvision ResNet's."""
+  prefix, rest = "stem", torchvision_name
+  if block := re.fullmatch(r"layer(\d)\.(\d+)\.(.+)", torchvision_name):
+    prefix, rest = f"res{int(block[1]) + 1}.{block[2]}", block[3]
+  for pattern, replacement in _TORCHVISION_RENAMES:
+    if match := re.fullmatch(pattern, rest):
+      return f"{prefix}.{match.expand(replacement)}"
+  return None
+
+
+def torchvision_to_detectron2(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Renames a torchvision ImageNet ResNet state dict to detectron2's backbone names.
+
+  conv1/bn1 -> stem.conv1(.norm), layerN -> res{N+1}, bnK -> convK.norm, downsample.0/1 ->
+  shortcut(.norm). The classifier (fc.*) and num_batches_tracked are dropped; arrays are
+  passed through unchanged.
   """
-  if kind == "frozen_bn":
-    return FrozenBatchNorm(name="norm")
-  if kind == "group_norm":
-    return nn.GroupNorm(num_groups=math.gcd(32, channels), epsilon=1e-5,
-                        dtype=precision.compute_dtype(dtype), name="norm")
-  raise ValueError(f"norm must be one of {NORMS}, got {kind!r}.")
+  renamed, unknown = {}, []
+  for name, value in state.items():
+    if name.startswith("fc.") or name.endswith(".num_batches_tracked"):
+      continue
+    new_name = _detectron2_name(name)
+    if new_name is None:
+      unknown.append(name)
+    else:
+      renamed[new_name] = value
+  if unknown:
+    raise ValueError("Not torchvision ResNet names (is a prefix such as 'module.' left?):\n" +
+                     name_table.listing("unknown", sorted(unknown)))
+  return renamed
+
+
+def resnet_from_torchvision(state: Mapping[str, np.ndarray], depth: int) -> tuple[dict, dict]:
+  """torchvision ImageNet ResNet state dict -> (params, batch_stats) of `ResNet`."""
+  return resnet_from_detectron2(torchvision_to_detectron2(state), depth)
 
 
 class ConvNorm(nn.Module):
@@ -143,7 +211,7 @@ class ConvNorm(nn.Module):
                         (s.kernel_size, s.kernel_size, s.in_channels, s.out_channels))
     dtype = precision.compute_dtype(self.dtype)
     y = conv.make_conv(self.conv_impl)(x.astype(dtype), kernel.astype(dtype), s.stride)
-    return make_norm(self.norm, s.out_channels, self.dtype)(y)
+    return layers.make_norm(self.norm, s.out_channels, self.dtype)(y)
 
 
 class ResidualBlock(nn.Module):
@@ -217,6 +285,11 @@ class ResNet(nn.Module):
   conv_impl: str = "auto"
   dtype: str = "float32"
 
+  # torchvision's ImageNet statistics of RGB pixels in 0..255 (the official config's
+  # PIXEL_MEAN and PIXEL_STD).
+  pixel_mean: ClassVar[tuple[float, float, float]] = (123.675, 116.280, 103.530)
+  pixel_std: ClassVar[tuple[float, float, float]] = (58.395, 57.120, 57.375)
+
   @classmethod
   def from_config(cls, backbone: ml_collections.ConfigDict, *, dtype: str,
                   conv_impl: str) -> "ResNet":
@@ -229,10 +302,27 @@ class ResNet(nn.Module):
     """The pyramid levels returned: res2..res5 are levels 2..5 (strides 4..32)."""
     return tuple(range(2, 2 + len(STAGES)))
 
+  @property
+  def size_divisibility(self) -> int:
+    """Images are padded to multiples of the coarsest stride, so every level halves exactly."""
+    return 2**self.levels[-1]
+
   def is_frozen(self, path: tuple[str, ...]) -> bool:
     """Whether the parameter at `path` (inside this module's params, e.g. ("stem", "conv1",
     "kernel")) is frozen: it lies in one of the first `freeze_at` parts of FREEZABLE."""
     return path[0] in FREEZABLE[:self.freeze_at]
+
+  def pretrained(self, weights: str) -> dict:
+    """{"params", "batch_stats"} (NumPy) of a torchvision ImageNet ResNet file at the path
+    `weights`, checked name by name and shape by shape against this network."""
+    if self.norm != "frozen_bn":
+      raise ValueError(f"Pretrained ResNet weights need norm='frozen_bn', not {self.norm!r}.")
+    state = weights_lib.read_state_dict(
+        weights, None, f"ResNet-{self.depth}",
+        no_imagenet="Download torchvision's file (e.g. resnet50-0676ba61.pth for ResNet-50) and "
+        "set model.backbone.weights to its path.")
+    params, batch_stats = resnet_from_torchvision(state, self.depth)
+    return {"params": params, "batch_stats": batch_stats}
 
   @nn.compact
   def __call__(self, x: jax.Array) -> dict[int, jax.Array]:

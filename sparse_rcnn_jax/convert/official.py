@@ -2,8 +2,8 @@
 
 The official state dict uses PyTorch layouts (Linear weight [out, in], Conv [O, I, kH, kW]).
 Official name -> our path in `params` (docs/model.md, section 8, lists a whole checkpoint):
-  backbone.bottom_up.*                      -> backbone/...  (convert/backbone.py)
-  backbone.fpn_{lateral,output}{l}.*        -> fpn/fpn_{lateral,output}{l}  (convert/backbone.py)
+  backbone.bottom_up.*                      -> backbone/...  (backbones/resnet.py)
+  backbone.fpn_{lateral,output}{l}.*        -> fpn/fpn_{lateral,output}{l}  (convert/fpn.py)
   init_proposal_boxes.weight [N, 4]         -> head/proposal_boxes (normalized cxcywh)
   init_proposal_features.weight [N, D]      -> head/proposal_features
 and, per stage i, `head.head_series.{i}.X` -> head/stage{i}/Y with X -> Y:
@@ -16,12 +16,19 @@ and, per stage i, `head.head_series.{i}.X` -> head/stage{i}/Y with X -> Y:
   reg_module.{3k}.weight, reg_module.{3k+1}.* -> reg_fc{k} (Linear, no bias), reg_norm{k}
 A Linear's `weight` is our `kernel` transposed; a LayerNorm's `weight` is our `scale`. Our
 variables are `{"params": {"backbone", "fpn", "head"}, "batch_stats": {"backbone"}}`. Every
-conversion is a pure reshaping/transposition, so a round trip is exact.
+conversion is a pure reshaping/transposition, so a round trip is exact. `architecture_of`
+reads the head and ResNet depth a checkpoint was trained with from its names and shapes, so a
+checkpoint made for another config converts too (model.init_from then keeps what fits).
 """
+import dataclasses
+import math
+import re
+
 import numpy as np
 from flax import traverse_util
 
-from sparse_rcnn_jax.convert import backbone as backbone_convert
+from sparse_rcnn_jax.backbones import resnet
+from sparse_rcnn_jax.convert import fpn as fpn_convert
 from sparse_rcnn_jax.head_config import HeadConfig
 
 
@@ -158,8 +165,8 @@ def from_official(state: dict[str, np.ndarray], cfg: HeadConfig, depth: int) -> 
     depth: ResNet depth of the checkpoint's backbone (50 or 101).
   """
   bottom_up = _strip(state, "backbone.bottom_up.")
-  backbone, stats = backbone_convert.resnet_from_detectron2(bottom_up, depth)
-  fpn = backbone_convert.fpn_from_detectron2(
+  backbone, stats = resnet.resnet_from_detectron2(bottom_up, depth)
+  fpn = fpn_convert.fpn_from_detectron2(
       {k: v for k, v in _strip(state, "backbone.").items() if k.startswith("fpn_")})
   return {"params": {"backbone": backbone, "fpn": fpn, "head": head_from_official(state, cfg)},
           "batch_stats": {"backbone": stats}}
@@ -169,21 +176,61 @@ def to_official(variables: dict, cfg: HeadConfig, depth: int) -> dict[str, np.nd
   """Our variables -> an official state dict (inverse of from_official)."""
   params = _to_numpy(variables["params"])
   stats = _to_numpy(variables["batch_stats"])
-  state = {"backbone.bottom_up." + k: v for k, v in backbone_convert.resnet_to_detectron2(
+  state = {"backbone.bottom_up." + k: v for k, v in resnet.resnet_to_detectron2(
       params["backbone"], stats["backbone"], depth).items()}
   state.update({"backbone." + k: v
-                for k, v in backbone_convert.fpn_to_detectron2(params["fpn"]).items()})
+                for k, v in fpn_convert.fpn_to_detectron2(params["fpn"]).items()})
   state.update(head_to_official(params["head"], cfg))
   return state
 
 
-def backbone_from_torchvision(state: dict[str, np.ndarray], variables: dict,
-                              depth: int) -> dict:
-  """Replaces the backbone of `variables` by torchvision ImageNet ResNet weights.
+def _resnet_depth(state: dict[str, np.ndarray]) -> int:
+  """The depth of the ResNet under `backbone.bottom_up.`: the one whose convs
+  (`res{s}.{j}.{conv}`, resnet_spec) are exactly the checkpoint's."""
+  pattern = re.compile(r"backbone\.bottom_up\.(res\d\.\d+\.\w+)\.weight")
+  found = {m[1] for m in map(pattern.fullmatch, state) if m}
+  for depth in resnet.STAGE_BLOCKS:
+    spec = resnet.resnet_spec(depth)
+    convs = {f"{stage}.{j}.{conv.name}" for stage, blocks in spec.stages.items()
+             for j, block in enumerate(blocks)
+             for conv in block.convs + ((block.shortcut,) if block.shortcut else ())}
+    if convs == found:
+      return depth
+  raise ValueError(f"The checkpoint's backbone.bottom_up.res* convs ({len(found)} of them) are "
+                   f"those of no ResNet of depth {sorted(resnet.STAGE_BLOCKS)}.")
 
-  Returns new variables; the FPN and head keep their values.
+
+def architecture_of(state: dict[str, np.ndarray], like: HeadConfig) -> tuple[HeadConfig, int]:
+  """(head config, ResNet depth) an official checkpoint was trained with, read from its tensor
+  names and shapes. The head fields no tensor shows (num_heads, dropout, prior_prob,
+  proposal_init, dtype, ...) are `like`'s.
+
+  Raises ValueError naming what is missing when `state` is not a Sparse R-CNN checkpoint.
   """
-  backbone, stats = backbone_convert.resnet_from_torchvision(state, depth)
-  params = dict(variables["params"], backbone=backbone)
-  return dict(variables, params=params,
-              batch_stats=dict(variables.get("batch_stats", {}), backbone=stats))
+  def shape(name: str) -> tuple[int, ...]:
+    if name not in state:
+      raise ValueError(f"Not an official Sparse R-CNN checkpoint: it lacks {name!r}.")
+    return np.shape(state[name])
+
+  def count(module: str) -> int:
+    """Linears of `cls_module` / `reg_module` in stage 0 (each is Linear, LayerNorm, ReLU)."""
+    pattern = re.compile(rf"head\.head_series\.0\.{module}\.(\d+)\.weight")
+    return sum(1 for m in map(pattern.fullmatch, state) if m and int(m[1]) % 3 == 0)
+
+  num_proposals, d = shape("init_proposal_features.weight")
+  stages = {int(m[1]) for m in map(re.compile(r"head\.head_series\.(\d+)\.").match, state) if m}
+  stage = "head.head_series.0."
+  fields = dict(num_proposals=num_proposals, hidden_dim=d, num_stages=len(stages),
+                num_classes=shape(stage + "class_logits.weight")[0],
+                dim_feedforward=shape(stage + "linear1.weight")[0],
+                num_cls_layers=count("cls_module"), num_reg_layers=count("reg_module"),
+                self_attention=stage + "self_attn.in_proj_weight" in state)
+  if stage + "inst_interact.out_layer.weight" in state:
+    fields["pooler_resolution"] = math.isqrt(shape(stage + "inst_interact.out_layer.weight")[1]
+                                             // d)
+    fields["interaction"] = "static"
+  if stage + "inst_interact.dynamic_layer.weight" in state:
+    fields["dim_dynamic"] = shape(stage + "inst_interact.dynamic_layer.weight")[0] // (2 * d)
+    fields["interaction"] = "dynamic_conv"
+  return dataclasses.replace(like, **fields), _resnet_depth(state)
+

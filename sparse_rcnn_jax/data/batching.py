@@ -15,8 +15,8 @@ The loader (pipeline.BatchLoader) adds two keys for the host only, never sent to
 (pipeline.HOST_KEYS): skipped (int64 [B], the source index of a slot left empty by an image
 that failed to decode, else -1) and epoch (int64 [B]).
 
-Buckets are (H, W) pairs, multiples of SIZE_DIVISIBILITY (32, the coarsest FPN stride). A batch is
-padded to the smallest-area bucket that holds all its images. `default_buckets` gives, for
+Buckets are (H, W) pairs, multiples of the backbone's `size_divisibility` (its coarsest stride:
+32 for every backbone here), which the caller passes. A batch is padded to the smallest-area bucket that holds all its images. `default_buckets` gives, for
 images with short side <= S and long side <= L: (S, L) for landscape batches, (L, S) for
 portrait batches and (L, L) for mixed ones (the pipeline groups images by orientation, so mixed
 batches are rare), i.e. at most three compiled shapes per split.
@@ -28,16 +28,17 @@ import numpy as np
 
 from sparse_rcnn_jax.data import source as source_lib
 
-SIZE_DIVISIBILITY = 32
 
-
-def round_up(size: int, multiple: int = SIZE_DIVISIBILITY) -> int:
+def round_up(size: int, multiple: int) -> int:
   return -(-int(size) // multiple) * multiple
 
 
-def default_buckets(max_short: int, max_long: int) -> tuple[tuple[int, int], ...]:
-  """Bucket shapes (H, W) for images with short side <= max_short and long side <= max_long."""
-  short, long = round_up(max_short), round_up(max(max_long, max_short))
+def default_buckets(max_short: int, max_long: int,
+                    size_divisibility: int) -> tuple[tuple[int, int], ...]:
+  """Bucket shapes (H, W), multiples of `size_divisibility`, for images with short side <=
+  max_short and long side <= max_long."""
+  short = round_up(max_short, size_divisibility)
+  long = round_up(max(max_long, max_short), size_divisibility)
   return tuple(sorted({(short, long), (long, short), (long, long)}))
 
 

@@ -2,7 +2,8 @@
 
 Usage (config.data as in `config.py`):
   train_source = pipeline.load_source(config.data, "train")
-  batches = pipeline.train_iterator(config.data, train_source)      # host NumPy batches
+  batches = pipeline.train_iterator(config.data, train_source,       # host NumPy batches
+                                    size_divisibility=model.backbone.size_divisibility)
   device_batches = pipeline.DevicePrefetch(batches, mesh)           # global jax.Arrays
   state = device_batches.get_state()  ...  device_batches.set_state(state)
 
@@ -113,18 +114,20 @@ def augment_config(config: ml_collections.ConfigDict, split: str) -> transforms.
       crop_size=tuple(config.crop_size))
 
 
-def batch_shapes(config: ml_collections.ConfigDict, split: str = "train") -> list[Shape]:
-  """The (H, W) shapes batches of a split may have: the shapes a jitted step compiles for."""
+def batch_shapes(config: ml_collections.ConfigDict, split: str = "train", *,
+                 size_divisibility: int) -> list[Shape]:
+  """The (H, W) shapes batches of a split may have: the shapes a jitted step compiles for,
+  multiples of the backbone's `size_divisibility`."""
   if config.buckets:
     shapes = sorted({(int(h), int(w)) for h, w in config.buckets})
-    bad = [s for s in shapes if min(s) <= 0 or s[0] % batching.SIZE_DIVISIBILITY
-           or s[1] % batching.SIZE_DIVISIBILITY]
+    bad = [s for s in shapes if min(s) <= 0 or s[0] % size_divisibility
+           or s[1] % size_divisibility]
     if bad:
       raise ValueError(f"config.data.buckets {bad} must be positive multiples of "
-                       f"{batching.SIZE_DIVISIBILITY}")
+                       f"{size_divisibility}, the backbone's coarsest stride")
     return shapes
   max_short = max(config.train_scales) if split == "train" else config.test_scale
-  return list(batching.default_buckets(max_short, config.max_size))
+  return list(batching.default_buckets(max_short, config.max_size, size_divisibility))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,14 +151,16 @@ class Planner:
 
   def __init__(self, source: source_lib.DetectionSource, config: ml_collections.ConfigDict,
                split: str, global_batch: int, process_index: int, process_count: int,
-               resize: tuple[transforms.AugmentConfig, Sequence[Shape]] | None = None):
+               resize: tuple[transforms.AugmentConfig, Sequence[Shape]] | None = None, *,
+               size_divisibility: int):
     if global_batch % process_count:
       raise ValueError(f"The global {split} batch size {global_batch} does not divide by the "
                        f"{process_count} hosts")
     self.num_images = len(source)
     self.sizes = source.image_sizes
     if resize is None:
-      self.augment, self.buckets = augment_config(config, split), batch_shapes(config, split)
+      self.augment = augment_config(config, split)
+      self.buckets = batch_shapes(config, split, size_divisibility=size_divisibility)
     else:
       self.augment, self.buckets = resize[0], list(resize[1])
     self.group = config.group_by_aspect and self.sizes is not None
@@ -399,12 +404,13 @@ def _iterate(plan: Sequence[PlannedBatch], loader: BatchLoader,
 
 def _make(config: ml_collections.ConfigDict, source: source_lib.DetectionSource, split: str,
           process_index: int | None, process_count: int | None,
-          resize: tuple[transforms.AugmentConfig, Sequence[Shape]] | None = None
-          ) -> tuple[Planner, BatchLoader]:
+          resize: tuple[transforms.AugmentConfig, Sequence[Shape]] | None,
+          size_divisibility: int) -> tuple[Planner, BatchLoader]:
   process_index, process_count = _hosts(process_index, process_count)
   _check_max_boxes(source, config.max_boxes)
   batch = config.batch_size if split == "train" else config.eval_batch_size
-  planner = Planner(source, config, split, batch, process_index, process_count, resize)
+  planner = Planner(source, config, split, batch, process_index, process_count, resize,
+                    size_divisibility=size_divisibility)
   loader = BatchLoader(source, planner.augment, planner.buckets, config.max_boxes,
                        config.on_bad_image)
   logging.info("%s batches: %d images, global batch %d (%d on this host), %d shapes %s%s",
@@ -414,26 +420,30 @@ def _make(config: ml_collections.ConfigDict, source: source_lib.DetectionSource,
 
 
 def train_iterator(config: ml_collections.ConfigDict, source: source_lib.DetectionSource,
-                   process_index: int | None = None,
-                   process_count: int | None = None) -> grain.DatasetIterator:
+                   process_index: int | None = None, process_count: int | None = None, *,
+                   size_divisibility: int) -> grain.DatasetIterator:
   """Infinite, shuffled, augmented host batches (batching.py); resumable via get/set_state.
 
-  process_index / process_count default to jax's (tests pass them to simulate hosts).
+  process_index / process_count default to jax's (tests pass them to simulate hosts); images
+  are padded to multiples of `size_divisibility` (the backbone's).
   """
-  planner, loader = _make(config, source, "train", process_index, process_count)
+  planner, loader = _make(config, source, "train", process_index, process_count, None,
+                          size_divisibility)
   return _iterate(TrainPlan(planner, config.seed), loader, config)
 
 
 def eval_iterator(config: ml_collections.ConfigDict, source: source_lib.DetectionSource,
                   process_index: int | None = None, process_count: int | None = None,
-                  resize: tuple[transforms.AugmentConfig, Sequence[Shape]] | None = None
-                  ) -> grain.DatasetIterator:
+                  resize: tuple[transforms.AugmentConfig, Sequence[Shape]] | None = None, *,
+                  size_divisibility: int) -> grain.DatasetIterator:
   """One ordered pass of test-resized host batches, the last completed with valid=False.
 
   `resize` = (AugmentConfig, bucket shapes) resizes and pads otherwise than the config's test
-  resize (test-time augmentation evaluates at several scales: tta.py).
+  resize (test-time augmentation evaluates at several scales: tta.py); images are padded to
+  multiples of `size_divisibility` (the backbone's).
   """
-  planner, loader = _make(config, source, "eval", process_index, process_count, resize)
+  planner, loader = _make(config, source, "eval", process_index, process_count, resize,
+                          size_divisibility)
   return _iterate(EvalPlan(planner), loader, config)
 
 
