@@ -115,13 +115,15 @@ def test_custom_config_reaches_the_readme_ap_on_bccd(data_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(2 * 3600)
 def test_custom_config_reaches_the_readme_ap_on_coco128(data_dir, tmp_path):
-  """Trained on coco128 with coco_val128 as its validation split; from scratch the AP there
-  stays near 0, so the check that it learned is the AP on its own 128 training images."""
+  """Trained on coco128 with coco_val128 as its validation split; 128 images of 80 classes
+  are far too few for the AP there to say much, so the check that it learned is the AP on its
+  own 128 training images."""
   root = coco_layout_coco128(data_dir, tmp_path / "coco128")
   workdir = tmp_path / "workdir"
   _run("train.py", "--config", "configs/custom.py", "--workdir", str(workdir),
        f"--config.data.coco_root={root}")
-  assert (workdir / "eval_step5200.json").exists()  # Evaluated on coco_val128 (AP about 0).
+  steps = custom.get_config().train.num_steps
+  assert (workdir / f"eval_step{steps}.json").exists()  # Evaluated on coco_val128.
   own = tmp_path / "own"
   _run("eval.py", "--workdir", str(workdir), "--config", str(workdir / "config.py"),
        f"--config.data.eval_ann={root}/annotations/instances_train2017.json",
