@@ -37,7 +37,7 @@ def _config_flags(data_root: pathlib.Path) -> list[str]:
       "data.batch_size": 4, "data.eval_batch_size": 4,
       "model.num_proposals": 8, "model.num_stages": 2, "model.hidden_dim": 32,
       "model.dim_feedforward": 64, "model.num_heads": 2, "model.dim_dynamic": 8,
-      "model.backbone.width": 8, "train.num_steps": 3, "train.log_every": 1,
+      "train.num_steps": 3, "train.log_every": 1,
       "train.checkpoint_every": 2, "optimizer.warmup_steps": 1,
       # Keeps a moving average of the weights: evaluated by default, --use_ema=false for the raw.
       "train.ema_decay": 0.5}

@@ -57,7 +57,7 @@ def test_no_module_writes_into_a_config():
 
 
 def test_main_job_with_a_frozen_config_compiles_predict_once(tmp_path, monkeypatch):
-  config = synthetic.get_config()
+  config = synthetic.get_config("scratch")
   config.data.synthetic.update(root=str(tmp_path / "data"), num_train=8, num_val=4,
                                image_size=64)
   config.data.update(train_scales=(64,), max_size=64, test_scale=64, batch_size=4,

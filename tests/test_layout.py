@@ -1,4 +1,5 @@
-"""Dataset folder layouts (`config.data.coco_root`) and the configs/custom.py recipes."""
+"""Dataset folder layouts (`config.data.coco_root`) and the recipes of configs/custom.py and
+configs/synthetic.py."""
 import json
 import os
 import pathlib
@@ -11,6 +12,7 @@ import pytest
 from configs import bccd
 from configs import custom
 from configs import r50_100pro_3x
+from configs import synthetic
 from sparse_rcnn_jax.data import config as data_config
 from sparse_rcnn_jax.data import layout
 from sparse_rcnn_jax.data import pipeline
@@ -279,6 +281,28 @@ def test_custom_unknown_recipe():
   with pytest.raises(ValueError, match="'pretrained'.*'scratch'.*'r50'") as error:
     custom.get_config("r18")
   assert "r18" in str(error.value)
+
+
+# configs/synthetic.py (the main job)
+
+def test_main_job_starts_from_imagenet_weights_and_scratch_is_one_word_away():
+  config = synthetic.get_config()
+  assert config.data.source == "synthetic"
+  backbone = config.model.backbone
+  assert backbone.name == "efficientnet_lite" and backbone.weights == "imagenet"
+  assert backbone.norm == "frozen_bn" and backbone.freeze_at == 4
+  assert synthetic.get_config("pretrained").to_dict() == config.to_dict()
+  scratch = synthetic.get_config("scratch")
+  assert scratch.model.backbone.name == "resnet" and scratch.model.backbone.weights == ""
+  assert scratch.model.backbone.norm == "group_norm" and scratch.model.backbone.freeze_at == 0
+  # Only the backbone and the number of steps differ: the data, head and optimizer are shared.
+  assert scratch.train.num_steps > config.train.num_steps
+  for part in ("data", "loss", "optimizer", "tta"):
+    assert scratch[part].to_dict() == config[part].to_dict(), part
+  assert ({k: v for k, v in scratch.model.items() if k != "backbone"}
+          == {k: v for k, v in config.model.items() if k != "backbone"})
+  with pytest.raises(ValueError, match="'pretrained'.*'scratch'"):
+    synthetic.get_config("r50")
 
 
 def _tta_values(tta) -> dict:

@@ -152,7 +152,7 @@ def test_whole_model_in_bfloat16_agrees_with_float32(module, hw):
 
 
 def test_losses_and_matching_costs_are_float32_in_the_train_step():
-  config = synthetic.get_config()
+  config = synthetic.get_config("scratch")
   config.model.update(dtype="bfloat16", num_proposals=8, num_stages=2, hidden_dim=32,
                       dim_feedforward=64, num_heads=2, dim_dynamic=8, num_classes=3)
   config.model.backbone.width = 8
