@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import custom
 from configs import tiny
 from sparse_rcnn_jax import backbones
 from sparse_rcnn_jax import detector
@@ -18,7 +19,7 @@ from sparse_rcnn_jax.fpn import FPN
 from sparse_rcnn_jax.roi_align import multilevel_roi_align
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import bench_train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import bench_backbones, bench_train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 class TwoConvs(nn.Module):
@@ -145,3 +146,22 @@ def test_trains_with_the_backbones_frozen_parameters(toy_config):
   for name in ("kernel", "bias"):
     np.testing.assert_array_equal(after["fine"][name], before["fine"][name])
     assert not np.array_equal(after["coarse"][name], before["coarse"][name]), name
+
+
+@pytest.mark.parametrize("name", sorted(bench_backbones.BACKBONES))
+def test_bench_backbones_times_each_backbone_in_the_custom_recipe(name):
+  """The benchmark's detectors: the recipe's head and sizes, the named backbone, no weights file
+  (speed does not depend on the weights)."""
+  config = bench_backbones.config_of(name)
+  recipe = custom.get_config("scratch" if name == "resnet18_scratch" else "")
+  assert config.model.backbone.weights == ""
+  expected = {"resnet18_scratch": "resnet", "mobilenet_v2": "mobilenet_v2"}.get(
+      name, "efficientnet_lite")
+  assert config.model.backbone.name == expected
+  if expected == "efficientnet_lite":
+    assert config.model.backbone.variant == int(name[-1])
+  for field in ("num_proposals", "num_stages", "hidden_dim"):
+    assert config.model[field] == recipe.model[field]
+  assert config.data.to_dict() == recipe.data.to_dict()
+  assert config.model.backbone.freeze_at == recipe.model.backbone.freeze_at
+  detector.build_model(config.model)  # every backbone builds from its config

@@ -199,15 +199,22 @@ def test_init_from_errors_name_the_path(tmp_path):
 
 # Official checkpoints.
 
-def _official_checkpoint(path: pathlib.Path, num_classes: int, num_stages: int):
-  """An official checkpoint (to_official) of a tiny frozen-batch-norm ResNet-18 model with
-  random values; returns (its variables, its model)."""
+def _tiny_frozen_bn(num_classes: int, num_stages: int):
+  """The tiny config with frozen batch norm and `num_stages` stages, its model and the shapes
+  of its variables."""
   config = tiny.get_config()
   config.model.num_stages = num_stages
   config.model.backbone.norm = "frozen_bn"
   model = detector.build_model(config.model, num_classes)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                           jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8), jnp.ones((1, 4)))
+  return config, model, shapes
+
+
+def _official_checkpoint(path: pathlib.Path, num_classes: int, num_stages: int):
+  """An official checkpoint (to_official) of a tiny frozen-batch-norm ResNet-18 model with
+  random values; returns (its variables, its model)."""
+  _, model, shapes = _tiny_frozen_bn(num_classes, num_stages)
   rng = np.random.default_rng(num_classes)
   variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
   checkpoint_io.save_state_dict(official.to_official(variables, model.head, 18), path)
@@ -217,12 +224,7 @@ def _official_checkpoint(path: pathlib.Path, num_classes: int, num_stages: int):
 def _target(num_classes: int, num_stages: int):
   """A tiny frozen-batch-norm config, its model and, as its initial variables, zeros (unlike
   every value of a checkpoint of _official_checkpoint)."""
-  config = tiny.get_config()
-  config.model.num_stages = num_stages
-  config.model.backbone.norm = "frozen_bn"
-  model = detector.build_model(config.model, num_classes)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8), jnp.ones((1, 4)))
+  config, model, shapes = _tiny_frozen_bn(num_classes, num_stages)
   return config, model, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
