@@ -51,14 +51,14 @@ def _pretrained(config: ml_collections.ConfigDict) -> None:
   at equal settings: ahead of Lite1 and Lite2; MobileNetV2 was 9 % ahead, but its weights'
   package installs only with --no-deps, so it cannot come with requirements.txt. The stem and
   the first three stages frozen (freeze_at=4: their gradients are most of the backbone's cost);
-  the small images of the scratch recipe; twice its learning rate. No moving average: the
-  schedule is too short for one to help.
+  the small images and the learning rate of the scratch recipe (twice that reached AP 52.7 on
+  BCCD against 53.5, and on coco128 its loss stopped falling after 400 steps). No moving
+  average: the schedule is too short for one to help.
   """
   _small_head(config)
   config.data.update(train_scales=(224, 256, 288), max_size=384, test_scale=256)
   config.model.backbone = ml_collections.ConfigDict(dict(
       name="efficientnet_lite", variant=0, norm="frozen_bn", freeze_at=4, weights="imagenet"))
-  config.optimizer.update(base_learning_rate=1e-3)
   config.train.update(num_steps=2500, eval_every=500, ema_decay=0.0)
   config.tta.update(**scaled_tta(config.tta, config.data.test_scale))
 
