@@ -82,13 +82,7 @@ def torch_table(variant: int) -> dict[str, Entry]:
       table.update(layers.conv_norm_entries(name + "_project_conv.weight", name + "_bn2",
                                             (*path, "project"), (block.out_channels, hidden, 1, 1)))
       n += 1
-  last = spec.parts["stage5"][-1].out_channels
-  head = layers.conv_norm_entries("_conv_head.weight", "_bn1", ("conv",),
-                                  (HEAD_CHANNELS, last, 1, 1))
-  head["_fc.weight"] = Entry(("params", "fc", "kernel"), (1000, HEAD_CHANNELS))
-  head["_fc.bias"] = Entry(("params", "fc", "bias"), (1000,))
-  table.update({name: Entry(entry.path and ("classifier",) + entry.path, entry.shape)
-                for name, entry in head.items()})
+  table.update(inverted_residual.classifier_entries(spec, "_conv_head.weight", "_bn1", "_fc"))
   return table
 
 

@@ -24,6 +24,7 @@ import ml_collections
 from sparse_rcnn_jax import conv
 from sparse_rcnn_jax import precision
 from sparse_rcnn_jax.backbones import layers
+from sparse_rcnn_jax.convert.name_table import Entry
 
 PARTS = ("stem", "stage2", "stage3", "stage4", "stage5")
 PADDINGS = ("same", "symmetric")
@@ -255,3 +256,16 @@ class Classifier(nn.Module):
     y = ConvNorm(self.spec.head_channels, padding=self.spec.padding, eps=self.spec.eps,
                  name="conv")(level5.astype(jnp.float32))
     return nn.Dense(self.num_classes, name="fc")(y.mean(axis=(1, 2)))
+
+
+def classifier_entries(spec: NetSpec, conv: str, norm: str, fc: str,
+                       num_classes: int = 1000) -> dict[str, Entry]:
+  """Name-table entries of `Classifier` (under "classifier"): the file's 1x1 conv `conv`
+  (its weight's name) with batch norm `norm`, and its linear layer `fc` (the prefix of
+  `fc`.weight [num_classes, head_channels] and `fc`.bias)."""
+  last = spec.parts["stage5"][-1].out_channels
+  head = layers.conv_norm_entries(conv, norm, ("conv",), (spec.head_channels, last, 1, 1))
+  head[f"{fc}.weight"] = Entry(("params", "fc", "kernel"), (num_classes, spec.head_channels))
+  head[f"{fc}.bias"] = Entry(("params", "fc", "bias"), (num_classes,))
+  return {name: Entry(entry.path and ("classifier",) + entry.path, entry.shape)
+          for name, entry in head.items()}

@@ -65,13 +65,8 @@ def torch_table() -> dict[str, Entry]:
       table.update(layers.conv_norm_entries(f"{name}{index + 1}.weight", f"{name}{index + 2}",
                                             (*path, "project"), (block.out_channels, hidden, 1, 1)))
       n += 1
-  last = spec.parts["stage5"][-1].out_channels
-  head = layers.conv_norm_entries(f"features.{n}.0.weight", f"features.{n}.1", ("conv",),
-                                  (HEAD_CHANNELS, last, 1, 1))
-  head["classifier.1.weight"] = Entry(("params", "fc", "kernel"), (1000, HEAD_CHANNELS))
-  head["classifier.1.bias"] = Entry(("params", "fc", "bias"), (1000,))
-  table.update({name: Entry(entry.path and ("classifier",) + entry.path, entry.shape)
-                for name, entry in head.items()})
+  table.update(inverted_residual.classifier_entries(
+      spec, f"features.{n}.0.weight", f"features.{n}.1", "classifier.1"))
   return table
 
 
