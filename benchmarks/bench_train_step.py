@@ -58,7 +58,7 @@ def prepare(config, batch: int, height: int, width: int):
   config.data.batch_size = batch
   mesh = sharding.make_mesh()
   model = detector.build_model(config.model)
-  state = jax.device_put(model_state.new_state(model, config, (height, width)),
+  state = jax.device_put(model_state.new_state(model, config),
                          sharding.replicated(mesh))
   step = trainer.make_train_step(model, config, mesh, state)
   data = jax.device_put(random_batch(config, batch, height, width, config.model.num_classes),

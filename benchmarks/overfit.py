@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from configs import tiny
-from sparse_rcnn_jax import metric_writer, trainer
+from sparse_rcnn_jax import experiment, metric_writer
 from sparse_rcnn_jax.data import synthetic
 
 COCO128 = common.SHARED / "data" / "coco128"
@@ -74,7 +74,7 @@ def overfit(name: str, steps: int = 200, count: int = 8, batch: int = 4,
   with tempfile.TemporaryDirectory() as scratch:
     scratch = pathlib.Path(scratch)
     ann, images = dataset(name, scratch, count)
-    trainer.train(overfit_config(ann, images, steps, batch, dtype, matcher), scratch / "work")
+    experiment.train(overfit_config(ann, images, steps, batch, dtype, matcher), scratch / "work")
     records = metric_writer.read_metrics(scratch / "work" / "metrics.jsonl")
   return np.array([r["loss"] for r in records if "loss" in r])
 

@@ -1,9 +1,15 @@
 """The main job: train, evaluate with COCO AP, print the table and draw the detections.
 
-Data flows one way: config -> dataset sources (data/pipeline.SOURCES) -> DatasetInfo (saved
-in the workdir by the trainer) -> model -> train / evaluate. Nothing here writes into the config.
+A run is assembled here once (`assemble`): the sources are loaded, the dataset info is saved
+in the workdir and the model is built for its classes; the trainer, every evaluation and the
+pictures are handed these same objects. Data flows one way: config -> dataset sources
+(data/pipeline.SOURCES) -> DatasetInfo -> model -> train / evaluate / draw. Nothing here
+writes into the config. Every host runs the same code: predictions are gathered to every host,
+and process 0 alone prints and writes files.
 """
+import dataclasses
 import functools
+import itertools
 import json
 import logging
 import pathlib
@@ -16,13 +22,57 @@ from sparse_rcnn_jax import detector
 from sparse_rcnn_jax import evaluation
 from sparse_rcnn_jax import inference
 from sparse_rcnn_jax import metric_writer
+from sparse_rcnn_jax import run_files
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax import trainer
 from sparse_rcnn_jax import visualize
 from sparse_rcnn_jax.data import info as info_lib
 from sparse_rcnn_jax.data import pipeline
+from sparse_rcnn_jax.data import source as source_lib
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A training run's parts, built once by `assemble`.
+
+  Attributes:
+    info: the classes of the training split (saved in the workdir).
+    model: the detector for those classes.
+    train_source: the training split.
+    eval_source: the evaluation split, or None when the run does not evaluate.
+  """
+  info: info_lib.DatasetInfo
+  model: detector.SparseRCNN
+  train_source: source_lib.DetectionSource
+  eval_source: source_lib.DetectionSource | None
+
+
+def assemble(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+             evaluate: bool = True) -> Run:
+  """Loads the sources named by `config.data` (the eval split when `evaluate` and the config
+  names one), writes the config and dataset info to `workdir` (process 0; run_files.py) and
+  builds the model.
+
+  Raises:
+    DataError: the eval split's classes are not the training split's.
+  """
+  train_source = pipeline.load_source(config.data, "train")
+  info = train_source.info
+  eval_source = None
+  if evaluate and pipeline.has_eval_split(config.data):
+    eval_source = pipeline.load_source(config.data, "eval")
+    if eval_source.info != info:
+      raise source_lib.DataError(
+          f"The eval split's classes {eval_source.class_names} (category ids "
+          f"{eval_source.label_to_category_id}) are not the training split's "
+          f"{info.class_names} (category ids {info.category_ids}): evaluation would misname "
+          "every detection. Give both splits the same categories.")
+  if jax.process_index() == 0:
+    run_files.save(workdir, config, info)
+  return Run(info, detector.build_model(config.model, info.num_classes), train_source,
+             eval_source)
 
 
 def _eval_scalars(metrics: dict) -> dict:
@@ -30,23 +80,36 @@ def _eval_scalars(metrics: dict) -> dict:
   return {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def draw_examples(predict_fn, variables, config, mesh, source, workdir: pathlib.Path,
-                  size_divisibility: int, num_images: int = 4) -> list[pathlib.Path]:
+def draw_examples(predict_fn, variables, config, mesh, source: source_lib.DetectionSource,
+                  workdir: pathlib.Path, size_divisibility: int,
+                  num_images: int = 4) -> list[pathlib.Path]:
   """Detections (score >= config.display_threshold, else the few best, dashed) and a Figure-4
-  strip of per-stage boxes for a few eval images, drawn on the resized images the model saw,
-  enlarged to a readable size (visualize.save_prediction)."""
-  batch = next(iter(pipeline.eval_iterator(config.data, source,
-                                           size_divisibility=size_divisibility)))
-  dets = jax.device_get(predict_fn(variables, pipeline.make_global_batch(batch, mesh)))
+  strip of per-stage boxes for the first images of the eval split's first batch, drawn on the
+  original images (visualize.save_prediction).
+
+  Every host predicts its share of the batch and receives all of it (inference.gathered_predictions);
+  process 0 decodes the originals and writes the pictures. Returns their paths (none elsewhere).
+  """
+  batches = itertools.islice(
+      pipeline.eval_iterator(config.data, source, size_divisibility=size_divisibility), 1)
+  dets, local = next(inference.gathered_predictions(
+      predict_fn, variables, batches, mesh, inference.PICTURE_KEYS, ("valid", "source_index")))
+  if jax.process_index() != 0:
+    return []
   paths = []
-  for i in np.flatnonzero(batch["valid"])[:num_images]:
-    g = jax.process_index() * len(batch["valid"]) + i
-    w, h = batch["image_whwh"][i, :2].astype(int)
-    to_resized = np.tile(batch["image_whwh"][i, :2] / batch["orig_size"][i, ::-1], 2)
-    paths += visualize.save_prediction(
-        batch["image"][i, :h, :w], {k: v[g] for k, v in dets.items()}, source.class_names,
-        workdir / f"detections_{i}", config.display_threshold, scale=to_resized)
+  for i in np.flatnonzero(local["valid"])[:num_images]:
+    image = source.example(int(local["source_index"][i])).image
+    paths += visualize.save_prediction(image, {k: v[i] for k, v in dets.items()},
+                                       source.class_names, workdir / f"detections_{i}",
+                                       config.display_threshold)
   return paths
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+  """Assembles a run and trains it (resuming if possible) without evaluating; returns the
+  final model_state.TrainState."""
+  run = assemble(config, workdir, evaluate=False)
+  return trainer.train(config, workdir, run.model, run.train_source)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
@@ -56,46 +119,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   Returns the final evaluation metrics, or None without an eval split.
   """
   workdir = pathlib.Path(workdir)
-  evaluate = evaluate and pipeline.has_eval_split(config.data)
+  run = assemble(config, workdir, evaluate)
   mesh = sharding.make_mesh()
-  eval_source = pipeline.load_source(config.data, "eval") if evaluate else None
-
-  @functools.cache
-  def model():
-    """The model of the dataset info the trainer saved."""
-    info = info_lib.DatasetInfo.load(workdir)
-    return detector.build_model(config.model, info.num_classes)
+  multiple = run.model.backbone.size_divisibility
 
   @functools.cache
   def predict_fn():
     """Built once per run: every evaluation reuses its compilation."""
-    return inference.make_predict_fn(model(), mesh)
+    return inference.make_predict_fn(run.model, mesh)
+
+  def evaluate_split(variables, results_path=None):
+    return inference.evaluate_split(predict_fn(), variables, config, mesh, run.eval_source,
+                                    results_path, size_divisibility=multiple)
 
   def evaluate_fn(state, step):
-    metrics = inference.evaluate_split(predict_fn(), state.eval_variables(), config, mesh,
-                                       eval_source,
-                                       size_divisibility=model().backbone.size_divisibility)
+    metrics = evaluate_split(state.eval_variables())
     log.info("step %d: AP %.4f AP50 %.4f", step, metrics["AP"], metrics["AP50"])
     return _eval_scalars(metrics)
 
-  state = trainer.train(config, workdir, evaluate_fn if evaluate else None)
+  state = trainer.train(config, workdir, run.model, run.train_source,
+                        evaluate_fn if run.eval_source is not None else None, mesh)
   # The final evaluation joins the curves, and metrics.png is drawn once more at the end.
   curves = metric_writer.MetricWriter(workdir, plot_every_s=None)
-  if not evaluate:
+  if run.eval_source is None:
     curves.plot()
     return None
   step, variables = int(state.step), state.eval_variables()
-  metrics = inference.evaluate_split(predict_fn(), variables, config, mesh, eval_source,
-                                     results_path=workdir / f"detections_step{step}.json",
-                                     size_divisibility=model().backbone.size_divisibility)
+  metrics = evaluate_split(variables, workdir / f"detections_step{step}.json")
+  curves.write(step, _eval_scalars(metrics))
+  paths = draw_examples(predict_fn(), variables, config, mesh, run.eval_source, workdir,
+                        multiple)
   if jax.process_index() == 0:
     weights = ", the weights' moving average" if state.ema_params else ""
     print(f"\nCOCO evaluation at step {step} ({metrics['num_images']} images{weights}):")
     print(evaluation.format_table(metrics))
     (workdir / f"eval_step{step}.json").write_text(json.dumps(metrics, indent=1))
-    curves.write(step, _eval_scalars(metrics))
-    paths = draw_examples(predict_fn(), variables, config, mesh, eval_source, workdir,
-                          model().backbone.size_divisibility)
     paths.append(curves.plot())
     print("Pictures: " + ", ".join(str(p) for p in paths if p is not None))
   return metrics

@@ -1,7 +1,8 @@
 """Inference over a dataset split on the mesh, and its COCO evaluation.
 
-Batches are split over the mesh's "data" axis like training; detections are gathered from
-every host so the lead host can write one results file and run COCOeval on it.
+Batches are split over the mesh's "data" axis like training; detections are gathered to
+every host, so every host runs COCOeval on the same detections (and returns the same metrics)
+while the lead host alone writes the results file.
 """
 import logging
 from typing import Callable, Iterable, Iterator, Sequence
@@ -51,14 +52,19 @@ def _gather(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
+# make_predict_fn's outputs that a picture of one image needs (visualize.save_prediction).
+PICTURE_KEYS = ("boxes", "scores", "labels", "valid", "stage_boxes", "stage_scores")
+
+
 def gathered_predictions(predict_fn, variables, batches: Iterable[dict], mesh,
-                         keys: Sequence[str]) -> Iterator[tuple[dict, dict]]:
-  """Runs `predict_fn` on each host-local batch; yields (its outputs named in `keys`, the batch's
-  "image_id", "valid" and "orig_size"), each the whole global batch as NumPy on every host."""
+                         keys: Sequence[str],
+                         batch_keys: Sequence[str] = ("image_id", "valid", "orig_size")
+                         ) -> Iterator[tuple[dict, dict]]:
+  """Runs `predict_fn` on each host-local batch on every host; yields (its outputs named in
+  `keys`, the host batch's `batch_keys`), each the whole global batch as NumPy on every host."""
   for batch in batches:
     dets = predict_fn(variables, pipeline.make_global_batch(batch, mesh))
-    yield (_gather({k: dets[k] for k in keys}),
-           _gather({k: batch[k] for k in ("image_id", "valid", "orig_size")}))
+    yield _gather({k: dets[k] for k in keys}), _gather({k: batch[k] for k in batch_keys})
 
 
 def predict_dataset(predict_fn, variables, batches: Iterable[dict], mesh,

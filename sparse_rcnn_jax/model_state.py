@@ -48,14 +48,16 @@ class TrainState(train_state.TrainState):
     return {"params": params, "batch_stats": self.batch_stats}
 
 
-def _random_variables(model, rng, image_shape: tuple[int, int]) -> dict:
-  images = jnp.zeros((1, *image_shape, 3), jnp.uint8)
+def _random_variables(model, rng) -> dict:
+  """model.init on one image of a small fixed size, a multiple of the backbone's stride: no
+  parameter's shape or value depends on the image size, and a small image compiles fast."""
+  side = 2 * model.backbone.size_divisibility
+  images = jnp.zeros((1, side, side, 3), jnp.uint8)
   return model.init(rng, images, jnp.ones((1, 4), jnp.float32))
 
 
 def init_variables(model: detector.SparseRCNN, config: ml_collections.ConfigDict,
-                   rng: jax.Array, image_shape: tuple[int, int],
-                   workdir: str | pathlib.Path | None = None) -> dict:
+                   rng: jax.Array, workdir: str | pathlib.Path | None = None) -> dict:
   """Randomly initialized variables, then the pretrained backbone weights the config names, if
   any, then every tensor of `model.init_from` whose path and shape fit (init_from.py; what was
   loaded and what not is logged). `workdir` is the run's own, which init_from may not name."""
@@ -63,7 +65,7 @@ def init_variables(model: detector.SparseRCNN, config: ml_collections.ConfigDict
                else None)
   weights = config.model.backbone.get("weights", "")  # runs saved before the field: none
   pretrained = model.backbone.pretrained(weights) if weights else None
-  variables = jax.jit(lambda r: _random_variables(model, r, image_shape))(rng)
+  variables = jax.jit(lambda r: _random_variables(model, r))(rng)
   if pretrained is not None:
     variables = with_backbone(variables, pretrained, f"model.backbone.weights={weights}")
     log.info("Backbone %s: loaded its %s weights", config.model.backbone.name, weights)
@@ -160,22 +162,20 @@ def create_state(model, variables: dict, tx, seed: int, keep_ema: bool = False) 
 
 
 def new_state(model: detector.SparseRCNN, config: ml_collections.ConfigDict,
-              image_shape: tuple[int, int],
               workdir: str | pathlib.Path | None = None) -> TrainState:
   """A fresh TrainState for training `model` in `workdir` as `config` says (seed, pretrained
   weights, init_from, optimizer)."""
-  variables = init_variables(model, config, jax.random.PRNGKey(config.seed), image_shape,
-                             workdir)
+  variables = init_variables(model, config, jax.random.PRNGKey(config.seed), workdir)
   return create_state(model, variables, optimizer(model, config, variables["params"]),
                       config.seed, keep_ema=ema.from_config(config.train) is not None)
 
 
-def abstract_state(model: detector.SparseRCNN, config: ml_collections.ConfigDict, mesh,
-                   image_shape: tuple[int, int] = (64, 64)) -> TrainState:
+def abstract_state(model: detector.SparseRCNN, config: ml_collections.ConfigDict,
+                   mesh) -> TrainState:
   """Shapes, dtypes and (replicated) shardings of the TrainState `new_state` builds: the
   target to restore a checkpoint into, without allocating a model."""
   def build(rng):
-    variables = _random_variables(model, rng, image_shape)
+    variables = _random_variables(model, rng)
     return create_state(model, variables, optimizer(model, config, variables["params"]),
                         config.seed, keep_ema=ema.from_config(config.train) is not None)
   shapes = jax.eval_shape(build, jax.random.PRNGKey(0))

@@ -25,10 +25,10 @@ from sparse_rcnn_jax import losses
 from sparse_rcnn_jax import metric_writer
 from sparse_rcnn_jax import model_state
 from sparse_rcnn_jax import optim
-from sparse_rcnn_jax import run_files
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax import xla_cpu
 from sparse_rcnn_jax.data import pipeline
+from sparse_rcnn_jax.data import source as source_lib
 
 log = logging.getLogger(__name__)
 
@@ -129,35 +129,36 @@ def _progress(total: int, initial: int):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-          evaluate_fn: Callable[[model_state.TrainState, int], dict] | None = None) -> model_state.TrainState:
-  """Trains from `config`, resuming from the newest checkpoint in `workdir` if there is one.
+          model: detector.SparseRCNN, source: source_lib.DetectionSource,
+          evaluate_fn: Callable[[model_state.TrainState, int], dict] | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> model_state.TrainState:
+  """Trains `model` on `source` as `config` says, resuming from the newest checkpoint in
+  `workdir` if there is one. experiment.assemble builds the model and loads the source.
 
   Args:
     config: the experiment config (configs/*.py).
-    workdir: checkpoints, metrics.jsonl, the config and the dataset info (run_files.py)
-      go here.
+    workdir: checkpoints and metrics.jsonl go here (the config and the dataset info too, written
+      by experiment.assemble).
+    model: the detector, for `source`'s classes.
+    source: the training split.
     evaluate_fn: called as evaluate_fn(state, step) every `config.train.eval_every` steps;
       returns scalars that are logged.
+    mesh: the devices (default: sharding.make_mesh(), every device of every host).
   Returns:
     The final state.
   """
   workdir = pathlib.Path(workdir)
-  mesh = sharding.make_mesh()
-  source = pipeline.load_source(config.data, "train")
-  if jax.process_index() == 0:
-    run_files.save(workdir, config, source.info)
-  model = detector.build_model(config.model, source.num_classes)
+  mesh = sharding.make_mesh() if mesh is None else mesh
   multiple = model.backbone.size_divisibility
-  shapes = pipeline.batch_shapes(config.data, "train", size_divisibility=multiple)
-  log.info("Training compiles %d batch shape(s): %s", len(shapes), shapes)
+  log.info("Training compiles for the batch shape(s) %s",
+           pipeline.batch_shapes(config.data, "train", size_divisibility=multiple))
 
   manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
   batches = pipeline.train_iterator(config.data, source, size_divisibility=multiple)
   # Only a fresh run builds its state: a resumed one never reads pretrained or init_from weights.
-  restored = checkpointing.restore(
-      manager, model_state.abstract_state(model, config, mesh, shapes[0]))
+  restored = checkpointing.restore(manager, model_state.abstract_state(model, config, mesh))
   if restored is None:
-    state = jax.device_put(model_state.new_state(model, config, shapes[0], workdir),
+    state = jax.device_put(model_state.new_state(model, config, workdir),
                            sharding.replicated(mesh))
   else:
     state, data_state = restored

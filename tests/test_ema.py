@@ -86,7 +86,7 @@ def test_train_steps_keep_the_numpy_average_of_the_parameters():
   config = _tiny_config(0.9, warmup=2)
   model = detector.build_model(config.model)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  state = model_state.new_state(model, config, (64, 64))
+  state = model_state.new_state(model, config)
   start = jax.device_get(state.params)
   assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(state.ema_params), start))
   step_fn = trainer.make_train_step(model, config, mesh, state)
@@ -116,6 +116,6 @@ def _get(tree, path):
 def test_without_ema_the_state_keeps_none_and_evaluates_the_parameters():
   config = _tiny_config(0.0)
   model = detector.build_model(config.model)
-  state = model_state.new_state(model, config, (64, 64))
+  state = model_state.new_state(model, config)
   assert not state.ema_params
   assert state.eval_variables()["params"] is state.params

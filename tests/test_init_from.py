@@ -19,7 +19,7 @@ from configs import tiny
 from sparse_rcnn_jax import detector
 from sparse_rcnn_jax import init_from
 from sparse_rcnn_jax import model_state
-from sparse_rcnn_jax import trainer
+from sparse_rcnn_jax import experiment
 from sparse_rcnn_jax.convert import checkpoint_io
 from sparse_rcnn_jax.convert import official
 
@@ -144,7 +144,7 @@ def _tiny_config(coco_root: str, num_steps: int):
 
 def test_a_run_starts_from_another_runs_weights_with_new_class_layers(tmp_path, caplog):
   first = _tiny_config(_coco_folder(tmp_path / "three", ("a", "b", "c")), num_steps=2)
-  trained = jax.device_get(trainer.train(first, tmp_path / "first"))
+  trained = jax.device_get(experiment.train(first, tmp_path / "first"))
   ema = traverse_util.flatten_dict(trained.ema_params)
   assert any(not np.array_equal(v, p) for v, p in
              zip(ema.values(), traverse_util.flatten_dict(trained.params).values()))
@@ -152,7 +152,7 @@ def test_a_run_starts_from_another_runs_weights_with_new_class_layers(tmp_path, 
   second = _tiny_config(_coco_folder(tmp_path / "five", tuple("vwxyz")), num_steps=0)
   second.model.init_from = str(tmp_path / "first")
   with caplog.at_level(logging.INFO, logger=model_state.__name__):
-    state = jax.device_get(trainer.train(second, tmp_path / "second"))
+    state = jax.device_get(experiment.train(second, tmp_path / "second"))
 
   assert int(state.step) == 0
   params = traverse_util.flatten_dict(state.params)
@@ -184,7 +184,7 @@ def test_init_from_errors_name_the_path(tmp_path):
 
   def init(init_from, workdir=None):
     config.model.init_from = str(init_from)
-    model_state.init_variables(model, config, jax.random.PRNGKey(0), (SIZE, SIZE), workdir)
+    model_state.init_variables(model, config, jax.random.PRNGKey(0), workdir)
 
   with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'nowhere'} does not exist")):
     init(tmp_path / "nowhere")

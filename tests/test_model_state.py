@@ -22,9 +22,9 @@ def _config(**backbone):
   return config
 
 
-def _init(config, shape=(64, 96)):
+def _init(config):
   model = detector.build_model(config.model, 3)
-  return model, model_state.init_variables(model, config, jax.random.PRNGKey(0), shape)
+  return model, model_state.init_variables(model, config, jax.random.PRNGKey(0))
 
 
 def test_imagenet_weights_fill_the_backbone_and_nothing_else():

@@ -3,6 +3,7 @@
 Runs that need their own device count or processes go through tests/train_worker.py in a
 subprocess, each under a timeout, so a hang fails the test instead of stalling the suite.
 """
+import json
 import os
 import pathlib
 import signal
@@ -16,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import r50_100pro_3x
 from sparse_rcnn_jax import detector
+from sparse_rcnn_jax import experiment
 from sparse_rcnn_jax import metric_writer
 from sparse_rcnn_jax import model_state
 from sparse_rcnn_jax import optim
@@ -107,12 +110,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(baseline, data_root, tmp_path):
+def test_two_processes_run_the_main_job_and_match_one(baseline, data_root, tmp_path):
+  """train.py's whole job (training, evaluation, pictures) in two processes: the training
+  matches one device, process 0 prints the evaluation and writes its files and pictures."""
   address = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
       _command(tmp_path, data_root, f"--coordinator_address={address}", "--num_processes=2",
-               f"--process_id={i}", *_DIGEST_FLAGS), env=_env(1), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
+               f"--process_id={i}", "--main_job", *_DIGEST_FLAGS), env=_env(1),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   try:
     outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
   finally:
@@ -121,6 +126,17 @@ def test_two_processes_match_one(baseline, data_root, tmp_path):
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   _assert_matches_baseline(dict(np.load(tmp_path / "result.npz")), baseline)
+  (lead_out, _), (other_out, _) = outputs
+  assert "COCO evaluation at step" in lead_out and "Pictures:" in lead_out
+  assert "COCO evaluation" not in other_out
+  metrics = json.loads((tmp_path / f"eval_step{STEPS}.json").read_text())
+  assert metrics["num_images"] == 4 and np.isfinite(metrics["AP"])
+  # The first batch's four validation images, each a picture and a strip of stages, drawn on
+  # the original 64 px images (enlarged by visualize.upscale_factor to a short side >= 480).
+  pictures = sorted(p.name for p in tmp_path.glob("detections_*.png"))
+  assert pictures == sorted([f"detections_{i}.png" for i in range(4)]
+                            + [f"detections_{i}_stages.png" for i in range(4)])
+  assert Image.open(tmp_path / "detections_0.png").size == (512, 512)
 
 
 def _wait_for(predicate, proc, what: str, timeout: float = TIMEOUT):
@@ -181,7 +197,7 @@ def test_nonfinite_loss_skips_then_stops_keeping_last_good_checkpoint(data_root,
                                                                       monkeypatch):
   config = train_worker.tiny_config(str(data_root), 4, BATCH, checkpoint_every=2)
   config.train.max_nonfinite_in_a_row = 3
-  good = trainer.train(config, tmp_path)
+  good = experiment.train(config, tmp_path)
   good_params = jax.device_get(good.params)
 
   real_loss = trainer.losses.set_prediction_loss
@@ -192,7 +208,7 @@ def test_nonfinite_loss_skips_then_stops_keeping_last_good_checkpoint(data_root,
   monkeypatch.setattr(trainer.losses, "set_prediction_loss", poisoned)
   config.train.num_steps = 20
   with pytest.raises(trainer.NonFiniteError, match="not finite for 3 steps in a row"):
-    trainer.train(config, tmp_path)
+    experiment.train(config, tmp_path)
 
   mesh = sharding.make_mesh()
   model = detector.build_model(config.model, info_lib.DatasetInfo.load(tmp_path).num_classes)

@@ -3,9 +3,10 @@
   python tests/train_worker.py WORKDIR DATA_ROOT NUM_STEPS [--coordinator_address=...]
       [--num_processes=N --process_id=I] [--checkpoint_every=K] [--batch_size=B]
 
-Trains configs/tiny.py on the synthetic set at DATA_ROOT and writes WORKDIR/result.npz (losses
-per step, the final parameters and their moving average and, with --digest_step, an earlier
-checkpoint's parameters) from process 0.
+Trains configs/tiny.py on the synthetic set at DATA_ROOT (with --main_job, as train.py does:
+training, evaluation, pictures) and writes WORKDIR/result.npz (losses per step, the final
+parameters and their moving average and, with --digest_step, an earlier checkpoint's
+parameters) from process 0.
 """
 import pathlib
 import sys
@@ -22,6 +23,9 @@ _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 1000, "")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "")
 _DIGEST_STEP = flags.DEFINE_integer(
     "digest_step", 0, "also digest the parameters of this step's checkpoint (0: none)")
+_MAIN_JOB = flags.DEFINE_bool(
+    "main_job", False, "run train.py's whole job (training, evaluation, pictures), then digest "
+    "the final state")
 
 
 def tiny_config(data_root: str, num_steps: int, batch_size: int, checkpoint_every: int):
@@ -44,10 +48,13 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
-  from sparse_rcnn_jax import metric_writer, trainer
+  from sparse_rcnn_jax import experiment, metric_writer
   from sparse_rcnn_jax.data import info as info_lib
   config = tiny_config(data_root, num_steps, _BATCH.value, _CHECKPOINT_EVERY.value)
-  state = trainer.train(config, workdir)
+  if _MAIN_JOB.value:
+    experiment.train_and_evaluate(config, workdir)
+  # Resumes at the final step, so this only restores the final state (after the main job).
+  state = experiment.train(config, workdir)
   digests = {"": state.params, "ema_": state.ema_params}
   if _DIGEST_STEP.value:
     from sparse_rcnn_jax import sharding

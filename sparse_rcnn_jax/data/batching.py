@@ -11,9 +11,10 @@ A batch (one host's share, B = global batch / process count) is a dict of NumPy 
   valid:      bool [B] False for an empty slot: padding that completes the last eval batch, or
               an image skipped as undecodable. An empty slot has a zero image, no boxes, and
               image_whwh / orig_size equal to the bucket size (so nothing divides by zero).
-The loader (pipeline.BatchLoader) adds two keys for the host only, never sent to the devices
+The loader (pipeline.BatchLoader) adds three keys for the host only, never sent to the devices
 (pipeline.HOST_KEYS): skipped (int64 [B], the source index of a slot left empty by an image
-that failed to decode, else -1) and epoch (int64 [B]).
+that failed to decode, else -1), epoch (int64 [B]) and source_index (int64 [B], the source
+index planned for each slot, -1 for padding).
 
 Buckets are (H, W) pairs, multiples of the backbone's `size_divisibility` (its coarsest stride:
 32 for every backbone here), which the caller passes. A batch is padded to the smallest-area bucket that holds all its images. `default_buckets` gives, for

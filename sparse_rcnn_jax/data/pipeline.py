@@ -284,7 +284,9 @@ class EvalPlan(Sequence[PlannedBatch]):
 # Keys a loaded batch carries for the host only (make_global_batch leaves them out):
 #   skipped: int64 [B] source index of a slot left empty because its image could not be
 #     decoded (on_bad_image="skip"), else -1.   epoch: int64 [B] the plan's epoch.
-HOST_KEYS = ("skipped", "epoch")
+#   source_index: int64 [B] the source index planned for each slot (-1 for padding), so the
+#     original image of a prediction can be read back (source.example).
+HOST_KEYS = ("skipped", "epoch", "source_index")
 
 
 class BatchLoader:
@@ -329,6 +331,7 @@ class BatchLoader:
     batch["skipped"] = np.array([i if i >= 0 and ex is None else -1
                                  for i, ex in zip(plan.indices, examples)], np.int64)
     batch["epoch"] = np.full(len(examples), plan.epoch, np.int64)
+    batch["source_index"] = np.asarray(plan.indices, np.int64)
     return batch
 
 
