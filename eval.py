@@ -20,18 +20,10 @@ import pathlib
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from sparse_rcnn_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (default: the one saved in --workdir).",
-    lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_USE_EMA = flags.DEFINE_bool(
-    "use_ema", True, "Use the moving average of the weights when the run kept one "
-    "(train.ema_decay > 0); false: the trained weights themselves.")
+_RUN = cli.define_run_flags()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "An official Sparse R-CNN checkpoint (.pth / .npz).")
 _OUT = flags.DEFINE_string("out", None, "Where to write results (default: the workdir).")
@@ -41,43 +33,41 @@ _TTA = flags.DEFINE_bool("tta", False, "Evaluate with test-time augmentation (co
 def main(argv):
   del argv
   cli.setup_logging()
-  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+  if bool(_RUN.workdir.value) == bool(_CHECKPOINT.value):
     raise app.UsageError("Give exactly one of --workdir or --checkpoint.")
-  if _CHECKPOINT.value and _CONFIG.value is None:
+  if _CHECKPOINT.value and _RUN.config.value is None:
     raise app.UsageError("--checkpoint needs --config (the recipe of the checkpoint).")
   cli.initialize_distributed()
   # pylint: disable=g-import-not-at-top
   import jax
-  from sparse_rcnn_jax import detector, evaluation, inference, model_state, run_files, sharding
-  from sparse_rcnn_jax import tta
-  from sparse_rcnn_jax.convert import checkpoint_io, official
-  from sparse_rcnn_jax.data import info as info_lib
+  from sparse_rcnn_jax import detector, evaluation, inference, model_state, sharding, tta
   from sparse_rcnn_jax.data import pipeline
-  from sparse_rcnn_jax.head_config import HeadConfig
 
-  config = run_files.config_for(_CONFIG.value, _WORKDIR.value)
-  source = pipeline.load_source(config.data, "eval")
   mesh = sharding.make_mesh()
   if _CHECKPOINT.value:
-    info = source.info
-    state = checkpoint_io.load_state_dict(_CHECKPOINT.value)
-    variables = official.from_official(
-        state, HeadConfig.from_config(config.model, num_classes=info.num_classes),
-        config.model.backbone.depth)
+    config = _RUN.config.value
+    source = pipeline.load_source(config.data, "eval")
+    info, model = source.info, detector.build_model(config.model, source.num_classes)
+    variables, head, depth = model_state.official_variables(_CHECKPOINT.value, model.head)
+    if (head, depth) != (model.head, config.model.backbone.depth):
+      raise app.UsageError(
+          f"{_CHECKPOINT.value} holds a ResNet-{depth} and the head {head}; --config builds a "
+          f"ResNet-{config.model.backbone.depth} and the head {model.head}.")
     variables, name = jax.device_put(variables, sharding.replicated(mesh)), "official"
     out = pathlib.Path(_OUT.value or pathlib.Path(_CHECKPOINT.value).parent)
   else:
-    info = info_lib.DatasetInfo.load(_WORKDIR.value)
-    model = detector.build_model(config.model, info.num_classes)
-    variables, step = model_state.restore_variables(model, config, _WORKDIR.value, mesh,
-                                                    _STEP.value, use_ema=_USE_EMA.value)
-    raw = not _USE_EMA.value and config.train.ema_decay > 0  # Not the run's default weights.
-    name, out = f"step{step}{'_raw' if raw else ''}", pathlib.Path(_OUT.value or _WORKDIR.value)
+    try:
+      run = _RUN.load(mesh)
+    except (FileNotFoundError, ValueError) as error:
+      raise app.UsageError(str(error)) from error
+    config, info, model, variables = run.config, run.info, run.model, run.variables
+    source = pipeline.load_source(config.data, "eval")
+    name = f"step{run.step}{'_raw' if run.ema_kept and not run.ema else ''}"
+    out = pathlib.Path(_OUT.value or _RUN.workdir.value)
   if source.info != info:
     raise app.UsageError(f"The eval split's classes {source.class_names} are not the model's "
                          f"{info.class_names}.")
   out.mkdir(parents=True, exist_ok=True)
-  model = detector.build_model(config.model, info.num_classes)
   if _TTA.value:
     name, evaluate = f"{name}_tta", tta.evaluate_split
     predict_fn = tta.make_predict_fn(model, mesh, tta.TtaSettings.from_config(config).flip)

@@ -23,17 +23,11 @@ import pathlib
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (default: the one saved in --workdir).",
-    lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+from sparse_rcnn_jax import cli
+
+_RUN = cli.define_run_flags()
 _OUT = flags.DEFINE_string("out", None, "The artifact to write; OUT.json goes beside it.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_USE_EMA = flags.DEFINE_bool(
-    "use_ema", True, "Use the moving average of the weights when the run kept one "
-    "(train.ema_decay > 0); false: the trained weights themselves.")
 _HEIGHT = flags.DEFINE_integer("height", None, "Padded image height, a multiple of 32 (the "
                                "backbone's size_divisibility) "
                                "(default: from config.data.test_scale / max_size).")
@@ -55,23 +49,20 @@ def main(argv):
   del argv
   # pylint: disable=g-import-not-at-top
   import jax
-  from sparse_rcnn_jax import cli, model_state, run_files, serving, sharding
-  from sparse_rcnn_jax.data import info as info_lib
+  from sparse_rcnn_jax import serving, sharding
 
   cli.setup_logging()
   out = pathlib.Path(_OUT.value)
   platforms = tuple(_PLATFORMS.value or (jax.export.default_export_platform(),))
   try:
-    config = run_files.config_for(_CONFIG.value, _WORKDIR.value)
-    info = info_lib.DatasetInfo.load(_WORKDIR.value)
-    model = serving.serving_model(config.model, info.num_classes, platforms)
+    run = _RUN.load(sharding.make_mesh(jax.devices()[:1]),
+                    build_model=lambda m, c: serving.serving_model(m, c, platforms))
+    config, info, model, variables, step = (run.config, run.info, run.model, run.variables,
+                                            run.step)
     height, width = serving.default_image_size(config.data, model.backbone.size_divisibility)
     height = height if _HEIGHT.value is None else _HEIGHT.value
     width = width if _WIDTH.value is None else _WIDTH.value
     serving.check_input_shape(model, height, width, _BATCH.value)
-    mesh = sharding.make_mesh(jax.devices()[:1])
-    variables, step = model_state.restore_variables(model, config, _WORKDIR.value, mesh,
-                                                    _STEP.value, use_ema=_USE_EMA.value)
   except (FileNotFoundError, ValueError) as error:
     raise app.UsageError(str(error)) from error
 
@@ -81,9 +72,8 @@ def main(argv):
   out.write_bytes(blob)
   record = serving.contract(exported, config.model, config.data, info,
                             model.backbone.size_divisibility)
-  ema = _USE_EMA.value and config.train.get("ema_decay", 0.0) > 0
-  record["checkpoint"] = {"workdir": str(pathlib.Path(_WORKDIR.value).resolve()),
-                          "step": step, "weights": "moving average" if ema else "trained"}
+  record["checkpoint"] = {"workdir": str(pathlib.Path(_RUN.workdir.value).resolve()),
+                          "step": step, "weights": "moving average" if run.ema else "trained"}
   sidecar_path(out).write_text(json.dumps(record, indent=1))
   images, image_whwh = exported.in_avals
   print(f"Exported step {step} ({record['checkpoint']['weights']} weights, "

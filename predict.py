@@ -18,16 +18,10 @@ import pathlib
 import numpy as np
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (default: the one saved in --workdir).",
-    lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_USE_EMA = flags.DEFINE_bool(
-    "use_ema", True, "Use the moving average of the weights when the run kept one "
-    "(train.ema_decay > 0); false: the trained weights themselves.")
+from sparse_rcnn_jax import cli
+
+_RUN = cli.define_run_flags()
 _IMAGES = flags.DEFINE_list("images", None, "Image files and/or folders of images.")
 _OUT = flags.DEFINE_string("out", "predictions", "Output folder.")
 _THRESHOLD = flags.DEFINE_float("threshold", None, "Minimum score of a drawn box "
@@ -57,18 +51,17 @@ def main(argv):
   del argv
   # pylint: disable=g-import-not-at-top
   import jax
-  from sparse_rcnn_jax import cli, detector, inference, model_state, run_files, sharding
-  from sparse_rcnn_jax import visualize
-  from sparse_rcnn_jax.data import image_files, info as info_lib, pipeline, source as source_lib
+  from sparse_rcnn_jax import device_batches, inference, sharding, visualize
+  from sparse_rcnn_jax.data import image_files, pipeline, source as source_lib
 
   cli.setup_logging()
   paths = image_paths(_IMAGES.value)
-  config = run_files.config_for(_CONFIG.value, _WORKDIR.value)
-  info = info_lib.DatasetInfo.load(_WORKDIR.value)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  model = detector.build_model(config.model, info.num_classes)
-  variables, step = model_state.restore_variables(model, config, _WORKDIR.value, mesh,
-                                                  _STEP.value, use_ema=_USE_EMA.value)
+  try:
+    run = _RUN.load(mesh)
+  except (FileNotFoundError, ValueError) as error:
+    raise app.UsageError(str(error)) from error
+  config, info, model, variables, step = run.config, run.info, run.model, run.variables, run.step
   predict_fn = inference.make_predict_fn(model, mesh)
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +70,7 @@ def main(argv):
   records = []
   for batch in pipeline.eval_iterator(config.data, source,
                                       size_divisibility=model.backbone.size_divisibility):
-    dets = jax.device_get(predict_fn(variables, pipeline.make_global_batch(batch, mesh)))
+    dets = jax.device_get(predict_fn(variables, device_batches.make_global_batch(batch, mesh)))
     for i in np.flatnonzero(batch["valid"]):
       path = paths[int(batch["image_id"][i])]
       one = {k: v[i] for k, v in dets.items()}

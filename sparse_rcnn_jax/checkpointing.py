@@ -25,6 +25,21 @@ def has_checkpoint(workdir: str | pathlib.Path) -> bool:
   return directory.is_dir() and bool(ocp.utils.checkpoint_steps(directory))
 
 
+def stored_shapes(workdir: str | pathlib.Path, step: int | None = None) -> dict[str, tuple]:
+  """The shape of every array of the train state saved at `step` (default: the newest), by
+  "/"-joined path ("params/head/..."), from the checkpoint's metadata alone; {} without one."""
+  directory = pathlib.Path(workdir).resolve() / "checkpoints"
+  steps = ocp.utils.checkpoint_steps(directory) if directory.is_dir() else []
+  if not steps:
+    return {}
+  tree = ocp.StandardCheckpointHandler().metadata(
+      directory / str(max(steps) if step is None else step) / "state")
+  def name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return {name(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
          force: bool = False) -> bool:
   """Starts an asynchronous save of `state` (a pytree of arrays) and the data position."""

@@ -87,11 +87,13 @@ def draw_examples(predict_fn, variables, config, mesh, source: source_lib.Detect
   strip of per-stage boxes for the first images of the eval split's first batch, drawn on the
   original images (visualize.save_prediction).
 
-  Every host predicts its share of the batch and receives all of it (inference.gathered_predictions);
-  process 0 decodes the originals and writes the pictures. Returns their paths (none elsewhere).
+  Every host predicts its share of the batch and receives all of it
+  (inference.gathered_predictions); process 0 decodes the originals and writes the pictures.
+  Returns their paths (none elsewhere).
   """
   batches = itertools.islice(
-      pipeline.eval_iterator(config.data, source, size_divisibility=size_divisibility), 1)
+      pipeline.eval_iterator(config.data, source, jax.process_index(), jax.process_count(),
+                             size_divisibility=size_divisibility), 1)
   dets, local = next(inference.gathered_predictions(
       predict_fn, variables, batches, mesh, inference.PICTURE_KEYS, ("valid", "source_index")))
   if jax.process_index() != 0:

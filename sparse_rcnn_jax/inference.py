@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from sparse_rcnn_jax import device_batches
 from sparse_rcnn_jax import evaluation
 from sparse_rcnn_jax import postprocess
 from sparse_rcnn_jax import sharding
@@ -63,7 +64,7 @@ def gathered_predictions(predict_fn, variables, batches: Iterable[dict], mesh,
   """Runs `predict_fn` on each host-local batch on every host; yields (its outputs named in
   `keys`, the host batch's `batch_keys`), each the whole global batch as NumPy on every host."""
   for batch in batches:
-    dets = predict_fn(variables, pipeline.make_global_batch(batch, mesh))
+    dets = predict_fn(variables, device_batches.make_global_batch(batch, mesh))
     yield _gather({k: dets[k] for k in keys}), _gather({k: batch[k] for k in batch_keys})
 
 
@@ -89,7 +90,8 @@ def evaluate_split(predict_fn, variables, config: ml_collections.ConfigDict, mes
   writes the detections to `results_path` if given.
   """
   batches = pipeline.SkipReport(source, "eval").follow(
-      pipeline.eval_iterator(config.data, source, size_divisibility=size_divisibility))
+      pipeline.eval_iterator(config.data, source, jax.process_index(), jax.process_count(),
+                             size_divisibility=size_divisibility))
   results = predict_dataset(predict_fn, variables, batches, mesh, source.label_to_category_id)
   if results_path is not None and jax.process_index() == 0:
     evaluation.write_results(results, results_path)

@@ -119,16 +119,22 @@ def _source_variables(path: pathlib.Path, model: detector.SparseRCNN) -> tuple[d
   (its moving average of the weights when the run kept one), or an official checkpoint file,
   converted for the head and ResNet its tensors show."""
   if path.is_dir():
-    config = run_files.load_config(path)
-    source = detector.build_model(config.model, info_lib.DatasetInfo.load(path).num_classes)
-    variables, step = restore_variables(source, config, path, sharding.make_mesh())
-    weights = "its moving average of the weights" if config.train.ema_decay > 0 else "its weights"
-    return (variables, f"{path} (step {step}, {weights})",
-            _architecture(source.head, config.model.backbone))
-  state = checkpoint_io.load_state_dict(path)
-  head, depth = official.architecture_of(state, model.head)
-  return (official.from_official(state, head, depth), f"{path} (an official checkpoint)",
+    run = load_run(path, mesh=sharding.make_mesh())
+    weights = "its moving average of the weights" if run.ema else "its weights"
+    return (run.variables, f"{path} (step {run.step}, {weights})",
+            _architecture(run.model.head, run.config.model.backbone))
+  variables, head, depth = official_variables(path, model.head)
+  return (variables, f"{path} (an official checkpoint)",
           _architecture(head, {"name": "resnet", "depth": depth}))
+
+
+def official_variables(path: str | pathlib.Path, like: HeadConfig) -> tuple[dict, HeadConfig, int]:
+  """(variables, head config, ResNet depth) of an official Sparse R-CNN checkpoint file (.pth /
+  .npz): the head and depth it was trained with, read from its tensors (the fields no tensor
+  shows are `like`'s: official.architecture_of), and its tensors converted for them."""
+  state = checkpoint_io.load_state_dict(path)
+  head, depth = official.architecture_of(state, like)
+  return official.from_official(state, head, depth), head, depth
 
 
 def load_init_from(path: str | pathlib.Path, model: detector.SparseRCNN,
@@ -199,3 +205,83 @@ def restore_variables(model: detector.SparseRCNN, config: ml_collections.ConfigD
     raise FileNotFoundError(f"No checkpoint in {pathlib.Path(workdir) / 'checkpoints'}")
   state, _ = restored
   return state.eval_variables(use_ema), int(state.step)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+  """A trained run as eval.py, predict.py, export.py and init_from read it (`load_run`).
+
+  Attributes:
+    config: the config to run with (the one given, else the run's own).
+    info: the run's classes (its dataset_info.json).
+    model: built from `config.model` for those classes.
+    variables: {"params", "batch_stats"} of the checkpoint.
+    step: the checkpoint's step.
+    ema_kept: whether the run kept a moving average of the weights (train.ema_decay > 0).
+    ema: whether `variables` are that moving average (ema_kept and asked for).
+  """
+  config: ml_collections.ConfigDict
+  info: info_lib.DatasetInfo
+  model: Any
+  variables: dict
+  step: int
+  ema_kept: bool
+  ema: bool
+
+
+def _flat(config: ml_collections.ConfigDict) -> dict:
+  """A config's leaves by dotted name, lists and tuples alike (config.json holds lists)."""
+  flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
+
+
+def _check_fits(model, config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
+                step: int | None, given: ml_collections.ConfigDict,
+                run: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming the model fields of `given` that differ from the run's
+  (`run`) when `model`'s parameters do not have the shapes the checkpoint holds."""
+  stored = checkpointing.stored_shapes(workdir, step)
+  params = abstract_state(model, config, mesh).params
+  wanted = {"params/" + "/".join(k): v.shape
+            for k, v in traverse_util.flatten_dict(params).items()}
+  misfits = sorted(k for k in wanted if stored and stored.get(k) != wanted[k])
+  if not misfits:
+    return
+  ours, theirs = _flat(given), _flat(run)
+  differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+  fields = "; ".join(f"model.{k}: {theirs.get(k, '(unset)')!r} in the run, "
+                     f"{ours.get(k, '(unset)')!r} in --config" for k in differ)
+  tensors = ", ".join(f"{k} {stored.get(k, '(absent)')} stored, {wanted[k]} wanted"
+                      for k in misfits[:3])
+  raise ValueError(
+      f"The checkpoint in {workdir} does not fit the model of the given --config "
+      f"({fields or 'no model field differs'}; {len(misfits)} tensors differ, e.g. {tensors}). "
+      f"Leave out --config to use the run's own ({workdir / 'config.py'}), or override single "
+      f"fields of it: --config {workdir / 'config.py'} --config.data.eval_ann=...")
+
+
+def load_run(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None, *,
+             step: int | None = None, use_ema: bool = True, mesh=None,
+             build_model=detector.build_model) -> LoadedRun:
+  """The checkpoint of `step` (default: the newest) of the training run in `workdir`, with the
+  model of `config` (default: the run's saved config) built by `build_model(config.model,
+  num_classes)`.
+
+  The checkpoint's layout follows what the run trained with (its optimizer, whether it kept a
+  moving average), so those settings are taken from the run's own config whatever `config`
+  says; a `config` whose model does not fit the checkpoint is refused with the fields that
+  differ.
+  """
+  workdir = pathlib.Path(workdir)
+  saved = run_files.load_config(workdir) if (workdir / run_files.CONFIG_JSON).exists() else None
+  if config is None:
+    config = saved if saved is not None else run_files.config_for(None, workdir)  # Raises.
+  trained = saved if saved is not None else config
+  info = info_lib.DatasetInfo.load(workdir)
+  model = build_model(config.model, info.num_classes)
+  mesh = sharding.make_mesh(jax.devices()[:1]) if mesh is None else mesh
+  if saved is not None and config is not saved:
+    _check_fits(model, trained, workdir, mesh, step, given=config.model, run=saved.model)
+  variables, step = restore_variables(model, trained, workdir, mesh, step, use_ema)
+  ema_kept = trained.train.get("ema_decay", 0.0) > 0
+  return LoadedRun(config, info, model, variables, step, ema_kept, use_ema and ema_kept)

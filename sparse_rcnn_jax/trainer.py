@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from sparse_rcnn_jax import checkpointing
 from sparse_rcnn_jax import detector
+from sparse_rcnn_jax import device_batches
 from sparse_rcnn_jax import ema as ema_lib
 from sparse_rcnn_jax import losses
 from sparse_rcnn_jax import metric_writer
@@ -154,7 +155,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
            pipeline.batch_shapes(config.data, "train", size_divisibility=multiple))
 
   manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
-  batches = pipeline.train_iterator(config.data, source, size_divisibility=multiple)
+  batches = pipeline.train_iterator(config.data, source, jax.process_index(),
+                                    jax.process_count(), size_divisibility=multiple)
   # Only a fresh run builds its state: a resumed one never reads pretrained or init_from weights.
   restored = checkpointing.restore(manager, model_state.abstract_state(model, config, mesh))
   if restored is None:
@@ -165,7 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     batches.set_state(data_state)
     log.info("Resumed from step %d in %s", int(state.step), workdir)
   skips = pipeline.SkipReport(source, "train")
-  batches = pipeline.DevicePrefetch(batches, mesh, skips=skips)
+  batches = device_batches.DevicePrefetch(batches, mesh, skips=skips)
   step_fn = make_train_step(model, config, mesh, state)
   writer = metric_writer.MetricWriter(workdir)
   preemption = Preemption(manager)

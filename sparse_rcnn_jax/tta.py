@@ -297,7 +297,8 @@ def predict_all_scales(predict_fn, variables, config: ml_collections.ConfigDict,
     for min_size, scale_range in zip(tta.min_sizes, tta.scale_ranges):
       progress.set_postfix(short_side=min_size)
       batches = pipeline.eval_iterator(
-          config.data, source, size_divisibility=size_divisibility,
+          config.data, source, jax.process_index(), jax.process_count(),
+          size_divisibility=size_divisibility,
           resize=scale_resize(config.data, source.image_sizes, min_size, tta.max_size,
                               size_divisibility))
       for dets, local in inference.gathered_predictions(

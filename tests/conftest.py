@@ -6,7 +6,11 @@ elsewhere. Tests that need it skip with a message naming the missing path.
 import os
 import pathlib
 
+from absl import flags
 import pytest
+
+# grain's loader workers read absl flags; under pytest nobody parses them (data/pipeline.py).
+flags.FLAGS.mark_as_parsed()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -29,11 +29,11 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
   return proc
 
 
-def _config_flags(data_root: pathlib.Path) -> list[str]:
-  overrides = {
-      "data.synthetic.root": data_root, "data.synthetic.num_train": 12,
+def _overrides(data_root: pathlib.Path) -> dict:
+  return {
+      "data.synthetic.root": str(data_root), "data.synthetic.num_train": 12,
       "data.synthetic.num_val": 6, "data.synthetic.image_size": 64,
-      "data.train_scales": "(64,)", "data.max_size": 64, "data.test_scale": 64,
+      "data.train_scales": (64,), "data.max_size": 64, "data.test_scale": 64,
       "data.batch_size": 4, "data.eval_batch_size": 4,
       "model.num_proposals": 8, "model.num_stages": 2, "model.hidden_dim": 32,
       "model.dim_feedforward": 64, "model.num_heads": 2, "model.dim_dynamic": 8,
@@ -41,8 +41,25 @@ def _config_flags(data_root: pathlib.Path) -> list[str]:
       "train.checkpoint_every": 2, "optimizer.warmup_steps": 1,
       # Keeps a moving average of the weights: evaluated by default, --use_ema=false for the raw.
       "train.ema_decay": 0.5}
-  return ["--config", str(ROOT / "configs" / "synthetic.py")] + [
-      f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def _config_flags(data_root: pathlib.Path, recipe: str = "") -> list[str]:
+  """The command line's --config and overrides of configs/synthetic.py[:recipe]."""
+  config = str(ROOT / "configs" / "synthetic.py") + (f":{recipe}" if recipe else "")
+  return ["--config", config] + [f"--config.{k}={v}" for k, v in _overrides(data_root).items()]
+
+
+def _config(data_root: pathlib.Path, recipe: str = ""):
+  """The config of `_config_flags(data_root, recipe)`, built here."""
+  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  config = synthetic.get_config(recipe)
+  for name, value in _overrides(data_root).items():
+    *parents, leaf = name.split(".")
+    node = config
+    for key in parents:
+      node = node[key]
+    node[leaf] = value
+  return config
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +166,67 @@ def test_the_workdir_alone_predicts_with_class_names_and_evaluates(trained, tmp_
   ours = json.loads((tmp_path / "eval" / "eval_step3.json").read_text())
   theirs = json.loads((work / "eval_step3.json").read_text())
   assert ours["AP"] == pytest.approx(theirs["AP"], abs=1e-6)
+
+
+def _failing(script: str, *args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=TIMEOUT, check=False)
+  assert proc.returncode != 0, f"{script} did not fail:\n{proc.stdout[-2000:]}"
+  return proc
+
+
+def test_eval_with_a_config_that_keeps_no_average_uses_the_runs_own(trained, tmp_path):
+  """A --config saying train.ema_decay=0 on a run that kept a moving average: the checkpoint's
+  layout is the run's, so it restores, and evaluates the run's default weights."""
+  base, flags, _ = trained
+  proc = _run("eval.py", *flags, "--config.train.ema_decay=0.0", "--workdir",
+              str(base / "work"), "--out", str(tmp_path))
+  assert "AP50" in proc.stdout
+  ours = json.loads((tmp_path / "detections_step3.json").read_text())
+  assert ours == json.loads((base / "work" / "detections_step3.json").read_text())
+
+
+def test_a_config_of_another_model_is_refused_with_what_differs(trained, tmp_path):
+  base, flags, _ = trained
+  for script, extra in (("eval.py", ()), ("export.py", ("--out", str(tmp_path / "m.jaxexport")))):
+    proc = _failing(script, *flags, "--config.model.num_proposals=9", "--workdir",
+                    str(base / "work"), *extra)
+    assert "does not fit the model of the given --config" in proc.stderr
+    assert "model.num_proposals: 8 in the run, 9 in --config" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_of_an_official_checkpoint(trained, tmp_path):
+  """eval.py --checkpoint: an official checkpoint file (written by convert/official.py from a
+  frozen-batch-norm ResNet model's random weights) gives the AP of those weights evaluated
+  here, and one of another head is refused, naming both heads."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from sparse_rcnn_jax import detector, inference, model_state, sharding
+  from sparse_rcnn_jax.convert import checkpoint_io, official
+  from sparse_rcnn_jax.data import pipeline
+  base, _, _ = trained
+  flags = _config_flags(base / "data", "scratch") + ["--config.model.backbone.norm=frozen_bn"]
+  config = _config(base / "data", "scratch")
+  config.model.backbone.norm = "frozen_bn"
+  source = pipeline.load_source(config.data, "eval")
+  model = detector.build_model(config.model, source.num_classes)
+  variables = model_state.init_variables(model, config, jax.random.PRNGKey(3))
+  checkpoint_io.save_state_dict(
+      official.to_official(variables, model.head, config.model.backbone.depth),
+      tmp_path / "model.npz")
+  _run("eval.py", *flags, "--checkpoint", str(tmp_path / "model.npz"))
+  ours = json.loads((tmp_path / "eval_official.json").read_text())
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  theirs = inference.evaluate_split(inference.make_predict_fn(model, mesh), variables, config,
+                                    mesh, source, size_divisibility=32)
+  for name in METRICS:
+    assert ours[name] == pytest.approx(theirs[name], abs=1e-6)
+  proc = _failing("eval.py", *flags, "--config.model.num_stages=1", "--checkpoint",
+                  str(tmp_path / "model.npz"))
+  assert "num_stages=2" in proc.stderr and "num_stages=1" in proc.stderr
 
 
 def test_bad_arguments_are_explained(trained, tmp_path):

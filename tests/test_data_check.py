@@ -484,3 +484,30 @@ def test_the_check_command(tmp_path):
   assert "1 x bbox crosses the border" in proc.stdout and "1 x truncated file" in proc.stdout
   assert "STOPS TRAINING: 1 bad annotations under on_bad_annotation='error'" in proc.stdout
   assert "bad images under" not in proc.stdout  # custom.py skips bad images
+
+
+def test_the_check_command_reports_an_unreadable_json_without_a_traceback(tmp_path, capsys):
+  """A cut-off json (on the command line) and duplicate image ids (through check.main): the
+  message on stderr and exit status 1, no Python traceback."""
+  cut = tmp_path / "cut"
+  (cut / "images").mkdir(parents=True)
+  write_jpeg(cut / "images" / "a.jpg")
+  ann = write_json(cut / "annotations" / "train.json", [("a.jpg", H, W)],
+                   [box(1, (1, 1, 5, 5))])
+  ann.write_text(ann.read_text()[:-20])
+  proc = _run_check(cut)
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr and str(ann) in proc.stderr
+  assert not proc.stdout.strip()
+
+  twice = tmp_path / "twice"
+  (twice / "images").mkdir(parents=True)
+  write_jpeg(twice / "images" / "a.jpg")
+  ann = write_json(twice / "annotations" / "train.json", [("a.jpg", H, W), ("a.jpg", H, W)],
+                   [box(1, (1, 1, 5, 5))])
+  entries = json.loads(ann.read_text())
+  entries["images"][1]["id"] = entries["images"][0]["id"]
+  ann.write_text(json.dumps(entries))
+  assert check.main(data_cfg(coco_root=str(twice)), decode=False) == 1
+  err = capsys.readouterr().err
+  assert "image id 1 appears twice" in err and str(ann) in err and "Traceback" not in err

@@ -1,4 +1,5 @@
 """The loader end to end: batch contract, determinism, resuming, hosts, eval coverage, bad files."""
+import ast
 import json
 import logging
 import os
@@ -11,11 +12,14 @@ import jax
 import numpy as np
 import pytest
 
+from sparse_rcnn_jax import device_batches
 from sparse_rcnn_jax.data import coco
 from sparse_rcnn_jax.data import config as data_config
 from sparse_rcnn_jax.data import pipeline
 from sparse_rcnn_jax.data import source as source_lib
 from sparse_rcnn_jax.data import transforms
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 from test_data_coco import make_coco_folder  # pylint: disable=g-bad-import-order
 
 # 7 landscape and 4 portrait images, one box each (drawn white by make_coco_folder).
@@ -289,13 +293,14 @@ def test_device_prefetch_checkpoints_the_batches_handed_out(folder):
   source = pipeline.load_source(config, "train")
   expected = take(pipeline.train_iterator(config, source, size_divisibility=32), 5)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  device_batches = pipeline.DevicePrefetch(pipeline.train_iterator(config, source, size_divisibility=32), mesh, size=2)
-  got = take(device_batches, 2)
+  prefetch = device_batches.DevicePrefetch(
+      pipeline.train_iterator(config, source, size_divisibility=32), mesh, size=2)
+  got = take(prefetch, 2)
   assert isinstance(got[0]["image"], jax.Array)
   expected = [_host_keys_dropped(b) for b in expected]
   assert_same_batches(expected[:2], [jax.device_get(b) for b in got])
-  state = device_batches.get_state()
-  resumed = pipeline.DevicePrefetch(pipeline.train_iterator(config, source, size_divisibility=32), mesh)
+  state = prefetch.get_state()
+  resumed = device_batches.DevicePrefetch(pipeline.train_iterator(config, source, size_divisibility=32), mesh)
   resumed.set_state(state)
   assert_same_batches(expected[2:], [jax.device_get(b) for b in take(resumed, 3)])
 
@@ -304,17 +309,17 @@ def test_eval_device_prefetch_stops(folder):
   config = tiny_config(*folder)
   source = pipeline.load_source(config, "eval")
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  assert len(list(pipeline.DevicePrefetch(pipeline.eval_iterator(config, source, size_divisibility=32), mesh))) == 3
+  assert len(list(device_batches.DevicePrefetch(pipeline.eval_iterator(config, source, size_divisibility=32), mesh))) == 3
 
 
 def test_global_batch_is_sharded_along_data_on_8_devices():
   script = textwrap.dedent("""
       import jax, numpy as np
-      from sparse_rcnn_jax.data import pipeline
+      from sparse_rcnn_jax import device_batches
       mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
       batch = {"image": np.arange(8 * 4 * 6 * 3, dtype=np.uint8).reshape(8, 4, 6, 3),
                "valid": np.arange(8) % 3 > 0}
-      out = pipeline.make_global_batch(batch, mesh)
+      out = device_batches.make_global_batch(batch, mesh)
       assert out["image"].shape == (8, 4, 6, 3) and out["valid"].dtype == bool
       for shard in out["image"].addressable_shards:
         rows = shard.index[0]
@@ -359,3 +364,28 @@ def test_bccd_train_batches(data_dir):
   batch = next(pipeline.train_iterator(config, pipeline.load_source(config, "train"), size_divisibility=32))
   assert batch["image"].shape == (4, 128, 192, 3)  # All landscape: one bucket.
   assert batch["gt_mask"].sum() > 20 and set(batch["gt_labels"][batch["gt_mask"]]) <= {0, 1, 2}
+
+
+def test_the_data_package_never_imports_jax():
+  """data/ is host code: no module of it imports JAX (grain, which pipeline.py loads with,
+  imports JAX itself), and every module but pipeline.py and tfds.py imports without it."""
+  root = pathlib.Path(pipeline.__file__).parent
+  for path in sorted(root.glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      assert not [n for n in names if n.split(".")[0] in ("jax", "jaxlib", "flax", "optax")], \
+          f"{path.name}:{node.lineno} imports {names}"
+  modules = sorted(p.stem for p in root.glob("*.py")
+                   if p.stem not in ("__init__", "pipeline", "tfds"))
+  assert len(modules) >= 10
+  code = textwrap.dedent(f"""
+      import sys
+      import sparse_rcnn_jax.data
+      assert "jax" not in sys.modules
+      from sparse_rcnn_jax.data import {", ".join(modules)}
+      assert "jax" not in sys.modules, "imported jax"
+      """)
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]

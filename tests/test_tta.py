@@ -16,6 +16,7 @@ from PIL import Image
 
 from configs import tiny
 from sparse_rcnn_jax import detector
+from sparse_rcnn_jax import device_batches
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax import tta
 from sparse_rcnn_jax.data import pipeline
@@ -279,7 +280,7 @@ def test_device_function_equals_the_model_on_mirrored_images(tiny_model):
            "image_id": np.array([3, 4]), "valid": np.array([True, True]),
            "scale_range": np.array([[20, 10000], [0, 30]], np.float32)}
   got = jax.tree.map(np.asarray, tiny_model["predict_fn"](
-      variables, pipeline.make_global_batch(batch, tiny_model["mesh"])))
+      variables, device_batches.make_global_batch(batch, tiny_model["mesh"])))
   apply = jax.jit(model.apply)
   num = tiny_model["config"].model.num_proposals
   for f, pixels in enumerate((images, mirrored)):

@@ -22,6 +22,7 @@ import numpy as np
 
 from sparse_rcnn_jax.data import coco
 from sparse_rcnn_jax.data import layout
+from sparse_rcnn_jax.data import source as source_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,19 +97,28 @@ def check(data: ml_collections.ConfigDict, mode: str | None = None) -> list[Spli
   return [r for r in reports if r is not None]
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=False)
-_DECODE = flags.DEFINE_bool("decode", False, "Decode every image (slower) rather than read "
-                            "headers and file ends only.")
-
-
-def main(argv):
-  del argv
-  reports = check(_CONFIG.value.data, "decode" if _DECODE.value else None)
+def main(data: ml_collections.ConfigDict, decode: bool) -> int:
+  """Prints the reports of `data`'s splits; returns the exit status (module docstring). A
+  dataset that cannot be read at all (a cut-off json, duplicate image ids, ...) gets its message
+  on stderr and status 1."""
+  try:
+    reports = check(data, "decode" if decode else None)
+  except (source_lib.DataError, ValueError, OSError) as error:
+    print(error, file=sys.stderr)
+    return 1
   print("\n\n".join(r.text() for r in reports))
-  sys.exit(1 if any(r.fatal for r in reports) else 0)
+  return 1 if any(r.fatal for r in reports) else 0
+
+
+def _command_line() -> None:
+  """`python -m sparse_rcnn_jax.data.check`: its flags are defined here, not at import."""
+  config = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                           lock_config=False)
+  decode = flags.DEFINE_bool("decode", False, "Decode every image (slower) rather than read "
+                             "headers and file ends only.")
+  flags.mark_flags_as_required(["config"])
+  app.run(lambda argv: sys.exit(main(config.value.data, decode.value)))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  _command_line()

@@ -1,11 +1,13 @@
-"""From a dataset source to device batches: epoch plans, grain loading, hosts, device arrays.
+"""From a dataset source to host batches: epoch plans, grain loading, each host's share.
 
 Usage (config.data as in `config.py`):
   train_source = pipeline.load_source(config.data, "train")
   batches = pipeline.train_iterator(config.data, train_source,       # host NumPy batches
+                                    jax.process_index(), jax.process_count(),
                                     size_divisibility=model.backbone.size_divisibility)
-  device_batches = pipeline.DevicePrefetch(batches, mesh)           # global jax.Arrays
-  state = device_batches.get_state()  ...  device_batches.set_state(state)
+  state = batches.get_state()  ...  batches.set_state(state)
+The device side (global jax.Arrays, prefetching to the devices) is device_batches.py's: this
+package never imports JAX.
 
 Train iterator: infinite. Epoch e shuffles the N images with np.random.default_rng([seed, e]),
 draws from the same generator each image's augmentation numbers, predicts every image's output
@@ -34,17 +36,17 @@ SkipReport logs one summary per epoch of the slots left empty.
 
 Workers: grain runs loading in `num_workers` spawned processes, or with 0 in `read_threads`
 threads of this process. Spawned workers re-import the main module: a script that iterates
-with workers needs the `if __name__ == "__main__":` guard (absl.app programs have it).
+with workers needs the `if __name__ == "__main__":` guard (absl.app programs have it). grain
+reads its absl flags there, so outside absl.app (a notebook, pytest) call
+`absl.flags.FLAGS.mark_as_parsed()` first; the flags are the program's, never set here.
 """
 import collections
 import dataclasses
 import sys
 from typing import Any, Iterable, Iterator, Sequence
 
-from absl import flags
 from absl import logging
 import grain
-import jax
 import ml_collections
 import numpy as np
 
@@ -379,11 +381,6 @@ class SkipReport:
     self.close()
 
 
-def _hosts(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  return (jax.process_index() if process_index is None else process_index,
-          jax.process_count() if process_count is None else process_count)
-
-
 def _check_max_boxes(source: source_lib.DetectionSource, max_boxes: int) -> None:
   if source.num_boxes is not None and len(source) and source.num_boxes.max() > max_boxes:
     worst = int(np.argmax(source.num_boxes))
@@ -397,19 +394,17 @@ def _iterate(plan: Sequence[PlannedBatch], loader: BatchLoader,
       grain.ReadOptions(num_threads=config.read_threads,
                         prefetch_buffer_size=max(config.prefetch, config.read_threads)))
   if config.num_workers > 0:
-    if not flags.FLAGS.is_parsed():
-      # grain's workers read absl flags; outside absl.app (notebooks, pytest) use their defaults.
-      flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=config.num_workers, per_worker_buffer_size=config.prefetch))
   return iter(dataset)
 
 
 def _make(config: ml_collections.ConfigDict, source: source_lib.DetectionSource, split: str,
-          process_index: int | None, process_count: int | None,
+          process_index: int, process_count: int,
           resize: tuple[transforms.AugmentConfig, Sequence[Shape]] | None,
           size_divisibility: int) -> tuple[Planner, BatchLoader]:
-  process_index, process_count = _hosts(process_index, process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not one of {process_count} processes")
   _check_max_boxes(source, config.max_boxes)
   batch = config.batch_size if split == "train" else config.eval_batch_size
   planner = Planner(source, config, split, batch, process_index, process_count, resize,
@@ -423,11 +418,12 @@ def _make(config: ml_collections.ConfigDict, source: source_lib.DetectionSource,
 
 
 def train_iterator(config: ml_collections.ConfigDict, source: source_lib.DetectionSource,
-                   process_index: int | None = None, process_count: int | None = None, *,
+                   process_index: int = 0, process_count: int = 1, *,
                    size_divisibility: int) -> grain.DatasetIterator:
   """Infinite, shuffled, augmented host batches (batching.py); resumable via get/set_state.
 
-  process_index / process_count default to jax's (tests pass them to simulate hosts); images
+  This host's share of each global batch: on several hosts, pass jax.process_index() and
+  jax.process_count() (the defaults are one host; tests pass others to simulate hosts). Images
   are padded to multiples of `size_divisibility` (the backbone's).
   """
   planner, loader = _make(config, source, "train", process_index, process_count, None,
@@ -436,10 +432,12 @@ def train_iterator(config: ml_collections.ConfigDict, source: source_lib.Detecti
 
 
 def eval_iterator(config: ml_collections.ConfigDict, source: source_lib.DetectionSource,
-                  process_index: int | None = None, process_count: int | None = None,
+                  process_index: int = 0, process_count: int = 1,
                   resize: tuple[transforms.AugmentConfig, Sequence[Shape]] | None = None, *,
                   size_divisibility: int) -> grain.DatasetIterator:
   """One ordered pass of test-resized host batches, the last completed with valid=False.
+
+  This host's share of each global batch, as for train_iterator.
 
   `resize` = (AugmentConfig, bucket shapes) resizes and pads otherwise than the config's test
   resize (test-time augmentation evaluates at several scales: tta.py); images are padded to
@@ -448,53 +446,3 @@ def eval_iterator(config: ml_collections.ConfigDict, source: source_lib.Detectio
   planner, loader = _make(config, source, "eval", process_index, process_count, resize,
                           size_divisibility)
   return _iterate(EvalPlan(planner), loader, config)
-
-
-def make_global_batch(batch: Batch, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Host-local batch -> global jax.Arrays split along the mesh's "data" axis.
-
-  Every host passes its own B examples; the global arrays hold process_count * B. The
-  host-only keys (HOST_KEYS) stay behind.
-  """
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()
-          if k not in HOST_KEYS}
-
-
-class DevicePrefetch(Iterator[dict[str, jax.Array]]):
-  """Global device batches, `size` batches transferred ahead of use.
-
-  get_state() / set_state() are the host iterator's, as of the last batch handed out (not of
-  the batches waiting on the devices), so a checkpoint resumes exactly after it.
-  """
-
-  def __init__(self, batches: grain.DatasetIterator, mesh: jax.sharding.Mesh, size: int = 2,
-               skips: SkipReport | None = None):
-    self._batches, self._mesh, self._size = batches, mesh, size
-    self._queue = collections.deque()
-    self._state = batches.get_state()
-    self.skips = skips
-
-  def __next__(self) -> dict[str, jax.Array]:
-    while len(self._queue) <= self._size:
-      try:
-        batch = next(self._batches)
-      except StopIteration:
-        break
-      # Of the host batch only its host keys are kept: the images are on their way to the devices.
-      self._queue.append((make_global_batch(batch, self._mesh), self._batches.get_state(),
-                          {k: batch[k] for k in HOST_KEYS}))
-    if not self._queue:
-      raise StopIteration
-    batch, self._state, host_keys = self._queue.popleft()
-    if self.skips is not None:
-      self.skips.add(host_keys)
-    return batch
-
-  def get_state(self) -> dict[str, Any]:
-    return self._state
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._batches.set_state(state)
-    self._queue.clear()
-    self._state = state
