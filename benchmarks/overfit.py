@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from configs import tiny
-from sparse_rcnn_jax import experiment, metric_writer
+from sparse_rcnn_jax import experiment, metrics_file
 from sparse_rcnn_jax.data import synthetic
 
 COCO128 = common.SHARED / "data" / "coco128"
@@ -75,7 +75,7 @@ def overfit(name: str, steps: int = 200, count: int = 8, batch: int = 4,
     scratch = pathlib.Path(scratch)
     ann, images = dataset(name, scratch, count)
     experiment.train(overfit_config(ann, images, steps, batch, dtype, matcher), scratch / "work")
-    records = metric_writer.read_metrics(scratch / "work" / "metrics.jsonl")
+    records = metrics_file.read_metrics(scratch / "work" / "metrics.jsonl")
   return np.array([r["loss"] for r in records if "loss" in r])
 
 

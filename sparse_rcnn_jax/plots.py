@@ -15,7 +15,7 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 import numpy as np
 
-from sparse_rcnn_jax import metric_writer
+from sparse_rcnn_jax import metrics_file
 
 FIGURE_SIZE = (12.0, 4.5)  # Inches; at DPI a 1200 x 450 picture.
 DPI = 100
@@ -32,7 +32,7 @@ def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
   """The steps and values of `key` in the records that hold it.
 
   Args:
-    records: metric_writer.read_metrics's output, sorted by step.
+    records: metrics_file.read_metrics's output, sorted by step.
   Returns:
     (steps [T] int, values [T] float); non-finite values, written as "nan" or "inf", are NaN
     (a gap in the curve).
@@ -148,7 +148,7 @@ def save_curves(metrics_path: str | pathlib.Path, png_path: str | pathlib.Path |
   """
   metrics_path = pathlib.Path(metrics_path)
   png_path = pathlib.Path(png_path or metrics_path.with_suffix(".png"))
-  records = metric_writer.read_metrics(metrics_path)
+  records = metrics_file.read_metrics(metrics_path)
   last = f" - step {records[-1]['step']}" if records else ""
   figure = draw_curves(records, title=f"{metrics_path.parent.name}{last}")
   partial = png_path.with_name(png_path.name + ".partial")

@@ -28,8 +28,11 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
     return
   try:
     jax.distributed.initialize()
-  except (ValueError, RuntimeError):
-    pass  # not in a cluster JAX recognizes: one process
+  except ValueError as error:
+    # JAX says exactly this when no cluster it knows of (SLURM, Cloud TPU, ...) is detected:
+    # a single-process run. Any other failure (a detected cluster misconfigured) is raised.
+    if "coordinator_address should be defined" not in str(error):
+      raise
 
 
 def make_mesh(devices=None) -> Mesh:

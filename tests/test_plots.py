@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparse_rcnn_jax import metric_writer
+from sparse_rcnn_jax import metrics_file
 from sparse_rcnn_jax import plots
 
 LINES = [  # As MetricWriter writes them: training and evaluation scalars on separate lines.
@@ -26,7 +26,7 @@ def _write(path, lines):
 
 
 def _records(tmp_path, lines):
-  return metric_writer.read_metrics(_write(tmp_path / "metrics.jsonl", lines))
+  return metrics_file.read_metrics(_write(tmp_path / "metrics.jsonl", lines))
 
 
 def test_series_are_the_steps_and_values_of_the_lines_holding_the_key(tmp_path):

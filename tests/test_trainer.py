@@ -22,7 +22,7 @@ from PIL import Image
 from configs import r50_100pro_3x
 from sparse_rcnn_jax import detector
 from sparse_rcnn_jax import experiment
-from sparse_rcnn_jax import metric_writer
+from sparse_rcnn_jax import metrics_file
 from sparse_rcnn_jax import model_state
 from sparse_rcnn_jax import optim
 from sparse_rcnn_jax import sharding
@@ -216,7 +216,7 @@ def test_nonfinite_loss_skips_then_stops_keeping_last_good_checkpoint(data_root,
   assert step == 6  # steps 5 and 6 were skipped, and 6 was saved with the params of step 4
   for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(good_params)):
     np.testing.assert_array_equal(np.asarray(a), b)
-  lines = metric_writer.read_metrics(tmp_path / "metrics.jsonl")
+  lines = metrics_file.read_metrics(tmp_path / "metrics.jsonl")
   assert [r["finite"] for r in lines[4:7]] == [0.0, 0.0, 0.0]
 
 

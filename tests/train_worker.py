@@ -48,7 +48,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
-  from sparse_rcnn_jax import experiment, metric_writer
+  from sparse_rcnn_jax import experiment, metrics_file
   from sparse_rcnn_jax.data import info as info_lib
   config = tiny_config(data_root, num_steps, _BATCH.value, _CHECKPOINT_EVERY.value)
   if _MAIN_JOB.value:
@@ -64,7 +64,7 @@ def main(argv):
                                                  step=_DIGEST_STEP.value, use_ema=False)
     digests["early_"] = variables["params"]
   if jax.process_index() == 0:
-    records = metric_writer.read_metrics(pathlib.Path(workdir) / "metrics.jsonl")
+    records = metrics_file.read_metrics(pathlib.Path(workdir) / "metrics.jsonl")
     result = dict(steps=np.array([r["step"] for r in records]),
                   losses=np.array([r["loss"] for r in records]))
     for prefix, params in digests.items():

@@ -21,9 +21,9 @@ batch). Without sizes known up front (some TFDS sets) a single host pads to its 
 several hosts pad to the largest bucket.
 Resuming: the iterator is grain's; `get_state()` / `set_state()` exchange a small dict (how many
 batches were read, per worker). The plan is a pure function of (seed, batch index), so a restored
-iterator continues with exactly the batches the interrupted run would have read. Save one state
-per host (grain.checkpoint.CheckpointSave / CheckpointRestore plug into orbax); restore it with
-the same num_workers.
+iterator continues with exactly the batches the interrupted run would have read. Every host reads
+as many batches of the same plan, so one host's state serves all: the trainer saves it as JSON
+beside the train state (checkpointing.py). Restore it with the same num_workers.
 
 Eval iterator: one pass over every image exactly once, in dataset order (grouped by orientation
 when group_by_aspect), global batches split across hosts as above, the last one completed with
