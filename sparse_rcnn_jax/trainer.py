@@ -192,8 +192,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
       if bar is not None:
         bar.update(1)
       # A read of one scalar every step, on purpose: it also bounds how far the host runs ahead
-      # of the devices. Without a per-step sync, runs on several CPU devices were seen to hang
-      # (the host callbacks of the matcher queue up behind undispatched steps). Keep it.
+      # of the devices. Runs on several CPU devices (with the matcher's host callbacks) hang
+      # without such a per-step sync. Keep it.
       skipped = int(optim.nonfinite_in_a_row(state.opt_state))
       if skipped >= config.train.max_nonfinite_in_a_row:
         raise NonFiniteError(
