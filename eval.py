@@ -13,7 +13,7 @@ saved there unless --config is given; --checkpoint takes an official Sparse R-CN
 (files named ..._raw). Writes the COCO detections json and the metrics next to the
 checkpoint (or to --out) and prints the AP table with per-class AP. --tta evaluates with
 the official test-time augmentation (several scales, mirrored, merged by soft voting:
-sparse_rcnn_jax/tta.py) and names its files ..._tta.
+sparse_rcnn_jax/evaluation/tta.py) and names its files ..._tta.
 """
 import json
 import pathlib
@@ -40,7 +40,10 @@ def main(argv):
   cli.initialize_distributed()
   # pylint: disable=g-import-not-at-top
   import jax
-  from sparse_rcnn_jax import detector, evaluation, inference, model_state, sharding, tta
+  from sparse_rcnn_jax.model import detector
+  from sparse_rcnn_jax.evaluation import coco_eval, inference, tta
+  from sparse_rcnn_jax.training import model_state
+  from sparse_rcnn_jax import sharding
   from sparse_rcnn_jax.data import pipeline
 
   mesh = sharding.make_mesh()
@@ -77,7 +80,7 @@ def main(argv):
                      results_path=out / f"detections_{name}.json",
                      size_divisibility=model.backbone.size_divisibility)
   if jax.process_index() == 0:
-    print(evaluation.format_table(metrics))
+    print(coco_eval.format_table(metrics))
     (out / f"eval_{name}.json").write_text(json.dumps(metrics, indent=1))
     print(f"Wrote {out / f'detections_{name}.json'} and {out / f'eval_{name}.json'}")
 

@@ -6,7 +6,7 @@
 Writes OUT, the whole inference (uint8 RGB images [B, H, W, 3] zero-padded bottom/right, and
 image_whwh [B, 4] float32 (w, h, w, h) of each unpadded image -> "scores" [B, K], "labels"
 [B, K], "boxes" [B, K, 4] absolute xyxy in input pixels) serialized by jax.export with the
-weights inside (sparse_rcnn_jax/serving.py says why), and OUT.json beside it
+weights inside (sparse_rcnn_jax/evaluation/serving.py says why), and OUT.json beside it
 (model.jaxexport.json): the class name and category id of each label, the input contract and
 the model dtype. Any process with jax runs it:
 
@@ -49,7 +49,8 @@ def main(argv):
   del argv
   # pylint: disable=g-import-not-at-top
   import jax
-  from sparse_rcnn_jax import serving, sharding
+  from sparse_rcnn_jax.evaluation import serving
+  from sparse_rcnn_jax import sharding
 
   cli.setup_logging()
   out = pathlib.Path(_OUT.value)

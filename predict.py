@@ -51,7 +51,8 @@ def main(argv):
   del argv
   # pylint: disable=g-import-not-at-top
   import jax
-  from sparse_rcnn_jax import device_batches, inference, sharding, visualize
+  from sparse_rcnn_jax import device_batches, sharding
+  from sparse_rcnn_jax.evaluation import inference, visualize
   from sparse_rcnn_jax.data import image_files, pipeline, source as source_lib
 
   cli.setup_logging()

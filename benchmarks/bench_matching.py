@@ -9,7 +9,7 @@ timed with the scipy matcher and with a stand-in that makes no callback (a greed
 the device): the difference is what the callback costs the step, including any lost overlap.
 Steps are interleaved and the fastest of each kept, which other load disturbs least; on a
 busy shared machine, differences of a few percent of a full-size step are within noise.
-Also timed: the matching alone (one jitted `hungarian_match` on cost blocks of the step's
+Also timed: the matching alone (one jitted `scipy_match` on cost blocks of the step's
 shape: transfers, callback and solve) and the host solver's own time in the step's callback.
 """
 import argparse
@@ -24,10 +24,10 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from configs import r50_100pro_3x, r50_300pro_3x, tiny
-from sparse_rcnn_jax import losses
-from sparse_rcnn_jax import matcher
-from sparse_rcnn_jax.dynamic_head import DynamicHead
-from sparse_rcnn_jax.head_config import HeadConfig
+from sparse_rcnn_jax.training import losses
+from sparse_rcnn_jax.training import matcher
+from sparse_rcnn_jax.model.dynamic_head import DynamicHead
+from sparse_rcnn_jax.model.head_config import HeadConfig
 
 HEADS = {  # config, training image (h, w) at the largest scale
     "tiny": (tiny, (128, 160)),
@@ -120,7 +120,7 @@ def bench(name: str, batch: int, repeats: int) -> dict:
     costs = jax.random.normal(jax.random.PRNGKey(1),
                               (batch, cfg.num_stages, cfg.num_proposals, max_boxes))
     mask = np.broadcast_to(targets["gt_mask"][:, None], costs.shape[:2] + (max_boxes,))
-    match_alone = jax.jit(matcher.hungarian_match)
+    match_alone = jax.jit(matcher.scipy_match)
     for _ in range(2):   # the first call after a large step also pays for that step's teardown
       jax.block_until_ready(match_alone(costs, mask))
     match_s = min(seconds(match_alone, costs, mask) for _ in range(repeats))

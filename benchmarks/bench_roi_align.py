@@ -17,7 +17,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from sparse_rcnn_jax import xla_cpu
-from sparse_rcnn_jax.roi_align import multilevel_roi_align
+from sparse_rcnn_jax.model.roi_align import multilevel_roi_align
 
 
 def inputs(batch: int, num_boxes: int, height: int, width: int, channels: int):

@@ -20,7 +20,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from configs import tiny
-from sparse_rcnn_jax import experiment, metrics_file
+from sparse_rcnn_jax import experiment
+from sparse_rcnn_jax.training import metrics_file
 from sparse_rcnn_jax.data import synthetic
 
 COCO128 = common.SHARED / "data" / "coco128"

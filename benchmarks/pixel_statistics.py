@@ -18,9 +18,9 @@ from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
-from sparse_rcnn_jax.backbones.efficientnet_lite import EfficientNetLite
-from sparse_rcnn_jax.backbones.inverted_residual import Classifier
-from sparse_rcnn_jax.backbones.mobilenet_v2 import MobileNetV2
+from sparse_rcnn_jax.model.backbones.efficientnet_lite import EfficientNetLite
+from sparse_rcnn_jax.model.backbones.inverted_residual import Classifier
+from sparse_rcnn_jax.model.backbones.mobilenet_v2 import MobileNetV2
 
 STATISTICS = {"tensorflow (x - 127) / 128": ((127.0,) * 3, (128.0,) * 3),
               "torchvision imagenet": (MobileNetV2.pixel_mean, MobileNetV2.pixel_std)}

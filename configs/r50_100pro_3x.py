@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.pooler_resolution = 7
   model.sampling_ratio = 2
   # RoIAlign's form: "gather" (CPU, GPU), "separable" (matrix products, for TPU) or "auto"
-  # (by platform); the same function either way (sparse_rcnn_jax/roi_align.py).
+  # (by platform); the same function either way (sparse_rcnn_jax/model/roi_align.py).
   model.roi_align_impl = "auto"
   model.canonical_box_size = 224.0  # RoI level: P4 for a box of this side (official: 224)
   model.dropout = 0.0
@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.self_attention = True
   model.feature_reuse = True
   model.proposal_init = "image"
-  # The backbone, by name (sparse_rcnn_jax/backbones/); the other fields are its own, but for
+  # The backbone, by name (sparse_rcnn_jax/model/backbones/); the other fields are its own, but for
   # `weights`, which every backbone takes: "" (random initialization), "imagenet" (the file of
   # a pip package, where one exists) or the path of a weights file (for the ResNet:
   # torchvision's ImageNet file, e.g. resnet50-0676ba61.pth).
@@ -58,13 +58,13 @@ def get_config() -> ml_collections.ConfigDict:
   # several times faster on a CPU), "xla" (XLA's own, for GPU/TPU), "auto" (by platform).
   model.conv_impl = "auto"
   # Compute dtype: "float32", or "bfloat16" for GPU/TPU (parameters, losses, matching, box
-  # decoding and RoIAlign's coordinates stay float32; sparse_rcnn_jax/precision.py).
+  # decoding and RoIAlign's coordinates stay float32; sparse_rcnn_jax/model/precision.py).
   model.dtype = "float32"
   # A whole model to start from, after the backbone's weights: the workdir of an earlier run
   # (its newest checkpoint, its moving average of the weights if it kept one) or an official
   # Sparse R-CNN checkpoint (.pth/.npz), of which every tensor whose name and shape fit is
   # loaded and the rest (e.g. the class layers for another number of classes) keeps its
-  # initialization (sparse_rcnn_jax/init_from.py).
+  # initialization (sparse_rcnn_jax/training/init_from.py).
   model.init_from = ""
 
   # Data (docs/model.md, section 1; fields documented in sparse_rcnn_jax/data/config.py).
@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Loss and matching (docs/model.md, section 5). matcher: "scipy" (exact, on the host through one
   # callback per device; the default) or "device" (on the accelerator, no host round trip: for
-  # GPU/TPU pods; sparse_rcnn_jax/matcher.py says when to choose which).
+  # GPU/TPU pods; sparse_rcnn_jax/training/matcher.py says when to choose which).
   config.loss = ml_collections.ConfigDict(dict(
       class_weight=2.0, l1_weight=5.0, giou_weight=2.0, focal_alpha=0.25, focal_gamma=2.0,
       matcher="scipy"))
@@ -86,13 +86,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ema_decay: a moving average of the parameters, evaluated instead of them (0: off, as the
   # official recipe; DiffusionDet's value is 0.999), with an optional warm-up of
-  # ema_warmup_steps (decay * (1 - exp(-step / warmup)); 0: none). sparse_rcnn_jax/ema.py.
+  # ema_warmup_steps (decay * (1 - exp(-step / warmup)); 0: none). sparse_rcnn_jax/training/ema.py.
   config.train = ml_collections.ConfigDict(dict(
       num_steps=270_000, log_every=20, checkpoint_every=5000,
       keep_checkpoints=3, eval_every=0, max_nonfinite_in_a_row=20,
       ema_decay=0.0, ema_warmup_steps=0))
 
-  # Test-time augmentation, `eval.py --tta` (sparse_rcnn_jax/tta.py; docs/model.md, section 10):
+  # Test-time augmentation, `eval.py --tta` (sparse_rcnn_jax/evaluation/tta.py; docs/model.md, section 10):
   # the official TEST.AUG settings. Each short side of min_sizes (long side at most max_size),
   # plain and, with flip, mirrored; scale_ranges: one (lo, hi) per short side, boxes kept only
   # if lo^2 < area < hi^2 in the augmented image's pixels (() for no filter); boxes of one

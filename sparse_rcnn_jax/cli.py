@@ -46,7 +46,7 @@ class RunFlags:
 
   def load(self, mesh=None, **kwargs):
     """model_state.load_run of these flags (kwargs: its mesh and build_model)."""
-    from sparse_rcnn_jax import model_state  # pylint: disable=g-import-not-at-top
+    from sparse_rcnn_jax.training import model_state  # pylint: disable=g-import-not-at-top
     return model_state.load_run(self.workdir.value, self.config.value, step=self.step.value,
                                 use_ema=self.use_ema.value, mesh=mesh, **kwargs)
 

@@ -18,14 +18,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from sparse_rcnn_jax import detector
-from sparse_rcnn_jax import evaluation
-from sparse_rcnn_jax import inference
-from sparse_rcnn_jax import metric_writer
+from sparse_rcnn_jax.model import detector
+from sparse_rcnn_jax.evaluation import coco_eval
+from sparse_rcnn_jax.evaluation import inference
+from sparse_rcnn_jax.training import metric_writer
 from sparse_rcnn_jax import run_files
 from sparse_rcnn_jax import sharding
-from sparse_rcnn_jax import trainer
-from sparse_rcnn_jax import visualize
+from sparse_rcnn_jax.training import trainer
+from sparse_rcnn_jax.evaluation import visualize
 from sparse_rcnn_jax.data import info as info_lib
 from sparse_rcnn_jax.data import pipeline
 from sparse_rcnn_jax.data import source as source_lib
@@ -66,7 +66,7 @@ def assemble(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     if eval_source.info != info:
       raise source_lib.DataError(
           f"The eval split's classes {eval_source.class_names} (category ids "
-          f"{eval_source.label_to_category_id}) are not the training split's "
+          f"{eval_source.category_ids}) are not the training split's "
           f"{info.class_names} (category ids {info.category_ids}): evaluation would misname "
           "every detection. Give both splits the same categories.")
   if jax.process_index() == 0:
@@ -154,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if jax.process_index() == 0:
     weights = ", the weights' moving average" if state.ema_params else ""
     print(f"\nCOCO evaluation at step {step} ({metrics['num_images']} images{weights}):")
-    print(evaluation.format_table(metrics))
+    print(coco_eval.format_table(metrics))
     (workdir / f"eval_step{step}.json").write_text(json.dumps(metrics, indent=1))
     paths.append(curves.plot())
     print("Pictures: " + ", ".join(str(p) for p in paths if p is not None))

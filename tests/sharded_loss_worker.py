@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparse_rcnn_jax import losses
+from sparse_rcnn_jax.training import losses
 
 S, N, C, M = 3, 100, 8, 100   # stages, proposals, classes, GT slots: 120 KB of costs per image
 BATCH_PER_DEVICE = 1

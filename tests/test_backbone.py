@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax.backbones.resnet import ConvNorm, ConvSpec, ResNet, resnet_from_torchvision
+from sparse_rcnn_jax.model.backbones.resnet import ConvNorm, ConvSpec, ResNet, resnet_from_torchvision
 
 TORCHVISION_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 

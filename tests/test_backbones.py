@@ -13,10 +13,10 @@ import pytest
 
 from configs import custom
 from configs import tiny
-from sparse_rcnn_jax import backbones
-from sparse_rcnn_jax import detector
-from sparse_rcnn_jax.fpn import FPN
-from sparse_rcnn_jax.roi_align import multilevel_roi_align
+from sparse_rcnn_jax.model import backbones
+from sparse_rcnn_jax.model import detector
+from sparse_rcnn_jax.model.fpn import FPN
+from sparse_rcnn_jax.model.roi_align import multilevel_roi_align
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import bench_backbones, bench_train_step  # pylint: disable=g-import-not-at-top,wrong-import-position

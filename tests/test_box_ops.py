@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax import box_ops
+from sparse_rcnn_jax.model import box_ops
 
 # Each a case worth its own row: ordinary, identical, contained, disjoint, touching edges, a
 # line (zero width), a point, an inverted box, and a zero-area box equal to another.

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from sparse_rcnn_jax import checkpointing
+from sparse_rcnn_jax.training import checkpointing
 from sparse_rcnn_jax import sharding
 
 # One optimizer object: it is a static field of the state, part of the tree's structure. Wrapped

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparse_rcnn_jax import visualize
+from sparse_rcnn_jax.evaluation import visualize
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 600
@@ -199,13 +199,17 @@ def test_a_config_of_another_model_is_refused_with_what_differs(trained, tmp_pat
 
 
 def test_eval_of_an_official_checkpoint(trained, tmp_path):
-  """eval.py --checkpoint: an official checkpoint file (written by convert/official.py from a
+  """eval.py --checkpoint: an official checkpoint file (written by model/official.py from a
   frozen-batch-norm ResNet model's random weights) gives the AP of those weights evaluated
   here, and one of another head is refused, naming both heads."""
   # pylint: disable=g-import-not-at-top
   import jax
-  from sparse_rcnn_jax import detector, inference, model_state, sharding
-  from sparse_rcnn_jax.convert import checkpoint_io, official
+  from sparse_rcnn_jax.model import detector
+  from sparse_rcnn_jax.evaluation import inference
+  from sparse_rcnn_jax.training import model_state
+  from sparse_rcnn_jax import sharding
+  from sparse_rcnn_jax.convert import checkpoint_io
+  from sparse_rcnn_jax.model import official
   from sparse_rcnn_jax.data import pipeline
   base, _, _ = trained
   flags = _config_flags(base / "data", "scratch") + ["--config.model.backbone.norm=frozen_bn"]
@@ -242,6 +246,9 @@ def test_bad_arguments_are_explained(trained, tmp_path):
   assert proc.returncode != 0 and "exactly one of --workdir or --checkpoint" in proc.stderr
 
 
+# Slow: the whole command line. bfloat16 and the device matcher stay in the default suite through
+# test_precision.py, test_matcher.py and test_sharded_loss.py.
+@pytest.mark.slow
 def test_bfloat16_with_the_device_matcher_trains_and_evaluates(trained, tmp_path):
   """The pod settings from the README's command line: same job, bfloat16 and no host matching."""
   base, flags, _ = trained

@@ -1,6 +1,8 @@
 """A compile budget: over a short main-job-like run (training over every bucket shape, two
 evaluations during training, the final one and the pictures) each program compiles once per
-bucket shape it meets, never again for a shape it has already compiled.
+bucket shape it meets, never again for a shape it has already compiled. The run's config is a
+FrozenConfigDict, which raises on any write: nothing writes into a config (test_config_flow.py
+checks the source for the same).
 
 JAX logs every compilation with jax_log_compiles ("Compiling jit(NAME) with global shapes and
 types ..."); the test reads those records.
@@ -12,7 +14,9 @@ import pathlib
 import re
 
 import jax
+import ml_collections
 import numpy as np
+import pytest
 from PIL import Image
 
 from configs import tiny
@@ -69,11 +73,17 @@ def test_each_program_compiles_once_per_bucket_shape(tmp_path, monkeypatch):
   monkeypatch.setattr(logger, "level", logging.DEBUG)
   jax.config.update("jax_log_compiles", True)
   try:
-    metrics = experiment.train_and_evaluate(config, tmp_path / "work")
+    frozen = ml_collections.FrozenConfigDict(config)
+    metrics = experiment.train_and_evaluate(frozen, tmp_path / "work")
   finally:
     jax.config.update("jax_log_compiles", False)
     logger.removeHandler(handler)
   assert metrics is not None and metrics["num_images"] == 4
+  assert sorted(p.name for p in (tmp_path / "work").glob("detections_*.png")) == [
+      "detections_0.png", "detections_0_stages.png", "detections_1.png",
+      "detections_1_stages.png"]
+  with pytest.raises((AttributeError, TypeError, ValueError)):
+    frozen.model.num_classes = 3   # the run could not have written into it either
 
   # Single primitives run eagerly (jnp.zeros_like in the optimizer's init, ...) are compiled
   # per static argument, which the log line does not show; every program of ours is checked.

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax import conv
+from sparse_rcnn_jax.model import conv
 
 
 def _numpy_pads(k, padding):

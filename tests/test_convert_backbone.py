@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax.backbones.resnet import (ResNet, resnet_from_detectron2,
+from sparse_rcnn_jax.model.backbones.resnet import (ResNet, resnet_from_detectron2,
                                              resnet_from_torchvision, resnet_to_detectron2,
                                              torchvision_to_detectron2)
 from sparse_rcnn_jax.convert.fpn import fpn_from_detectron2, fpn_to_detectron2
-from sparse_rcnn_jax.fpn import FPN
+from sparse_rcnn_jax.model.fpn import FPN
 from test_backbone import torchvision_resnet_state
 from test_fpn import detectron2_fpn_state
 

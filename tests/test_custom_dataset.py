@@ -20,7 +20,7 @@ from PIL import Image
 import pytest
 
 from configs import custom
-from sparse_rcnn_jax import detector
+from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax import experiment
 from sparse_rcnn_jax.data import check
 from sparse_rcnn_jax.data import config as data_config

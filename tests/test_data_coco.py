@@ -54,7 +54,7 @@ def _rewrite(ann_path: str, edit) -> None:
 def test_labels_are_sorted_category_ids_and_crowd_is_kept_only_for_evaluation(tmp_path):
   source = coco.CocoSource(*make_coco_folder(tmp_path))
   assert source.class_names == ("cat", "dog", "bird")
-  assert source.label_to_category_id == (3, 7, 12)
+  assert source.category_ids == (3, 7, 12)
   assert len(source) == 3 and source.num_boxes.tolist() == [1, 2, 0]
   first = source.example(0)
   np.testing.assert_allclose(first.boxes, [[4, 6, 24, 18]])  # xywh -> xyxy, crowd dog dropped
@@ -170,7 +170,7 @@ def test_coco128_schema(data_dir):
   source = coco.CocoSource(str(ann_path), str(root / "train2017"))
   raw = json.loads(ann_path.read_text())
   ids = sorted(c["id"] for c in raw["categories"])
-  assert source.label_to_category_id == tuple(ids) and source.num_classes == 80
+  assert source.category_ids == tuple(ids) and source.num_classes == 80
   assert ids[-1] == 90  # Gaps: 80 classes numbered up to 90.
   crowd = sum(a["iscrowd"] for a in raw["annotations"])
   assert crowd == 10
@@ -206,7 +206,7 @@ def test_coco128_ground_truth_scores_perfect_detections_as_ap_1(data_dir):
                                  source.table.is_crowd[rows]):
       if not crowd:
         detections.append({"image_id": int(source.table.image_ids[i]),
-                           "category_id": source.label_to_category_id[label],
+                           "category_id": source.category_ids[label],
                            "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
                            "score": 1.0})
   evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")

@@ -30,7 +30,7 @@ def test_built_dataset_reads_back_like_the_folder(built):
   source = tfds_lib.TfdsSource("coco_folder/tiny", "b", data_dir=data_dir)
   assert len(source) == len(folder) == 3
   assert source.class_names == folder.class_names
-  assert source.label_to_category_id == folder.label_to_category_id == (3, 7, 12)
+  assert source.category_ids == folder.category_ids == (3, 7, 12)
   np.testing.assert_array_equal(source.image_sizes, folder.image_sizes)
   for i in range(3):
     expected, got = folder.example(i), source.example(i)
@@ -71,7 +71,7 @@ def test_datasets_without_recorded_metadata_still_work(built, tmp_path):
   shutil.copytree(path, copy)
   (copy / "metadata.json").unlink()
   source = tfds_lib.TfdsSource("coco_folder/tiny", "a", data_dir=str(tmp_path))
-  assert source.label_to_category_id == (1, 2, 3) and source.image_sizes is None
+  assert source.category_ids == (1, 2, 3) and source.image_sizes is None
   gt = source.coco_gt()
   assert {(i["id"], i["height"], i["width"]) for i in gt["images"]} == {
       (1, 48, 64), (2, 64, 48), (3, 40, 40)}

@@ -8,10 +8,10 @@ from flax import traverse_util
 
 from configs import r50_100pro_3x
 from configs import tiny
-from sparse_rcnn_jax import detector
+from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax.convert import checkpoint_io
-from sparse_rcnn_jax.convert import official
-from sparse_rcnn_jax.head_config import HeadConfig
+from sparse_rcnn_jax.model import official
+from sparse_rcnn_jax.model.head_config import HeadConfig
 
 
 @pytest.mark.parametrize("name, mean, std", [

@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax import postprocess
+from sparse_rcnn_jax.evaluation import postprocess
 from sparse_rcnn_jax.convert import checkpoint_io
-from sparse_rcnn_jax.convert import official
-from sparse_rcnn_jax.dynamic_head import DynamicHead
-from sparse_rcnn_jax.dynamic_head import Stage
-from sparse_rcnn_jax.head_config import HeadConfig
+from sparse_rcnn_jax.model import official
+from sparse_rcnn_jax.model.dynamic_head import DynamicHead
+from sparse_rcnn_jax.model.dynamic_head import HeadStage
+from sparse_rcnn_jax.model.head_config import HeadConfig
 
 
 def reference_head_config(reference_dir) -> HeadConfig:
@@ -72,7 +72,7 @@ def test_stage_matches_official_on_its_inputs(run, stage):
     proposal_features = jnp.broadcast_to(params["proposal_features"][None], (b, n, d))
   else:
     proposal_features = jnp.asarray(io[f"stage{stage - 1}/obj_features"].reshape(b, n, d))
-  (logits, boxes, obj), state = Stage(cfg).apply(
+  (logits, boxes, obj), state = HeadStage(cfg).apply(
       {"params": params[f"stage{stage}"]}, features, jnp.asarray(ref("boxes_in")),
       proposal_features, mutable=["intermediates"])
   ours = {k: np.asarray(v[0]) for k, v in state["intermediates"].items()}

@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax.backbones import efficientnet_lite
-from sparse_rcnn_jax.backbones import weights as weights_lib
-from sparse_rcnn_jax.backbones.efficientnet_lite import EfficientNetLite
-from sparse_rcnn_jax.backbones.inverted_residual import Classifier
+from sparse_rcnn_jax.model.backbones import efficientnet_lite
+from sparse_rcnn_jax.model.backbones import weights as weights_lib
+from sparse_rcnn_jax.model.backbones.efficientnet_lite import EfficientNetLite
+from sparse_rcnn_jax.model.backbones.inverted_residual import Classifier
 from photos import assert_close, photos
 
 torch = pytest.importorskip("torch")

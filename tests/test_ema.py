@@ -1,4 +1,4 @@
-"""Model EMA (sparse_rcnn_jax/ema.py) against a NumPy loop, alone and inside the train step.
+"""Model EMA (sparse_rcnn_jax/training/ema.py) against a NumPy loop, alone and inside the train step.
 
 Resuming with an EMA is checked in tests/test_trainer.py (the worker keeps one), evaluation
 with and without it in tests/test_cli.py.
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from sparse_rcnn_jax import detector
-from sparse_rcnn_jax import ema as ema_lib
-from sparse_rcnn_jax import model_state
+from sparse_rcnn_jax.model import detector
+from sparse_rcnn_jax.training import ema as ema_lib
+from sparse_rcnn_jax.training import model_state
 from sparse_rcnn_jax import sharding
-from sparse_rcnn_jax import trainer
+from sparse_rcnn_jax.training import trainer
 
 
 def _numpy_ema(start: np.ndarray, params_after: list[np.ndarray], decay: float,

@@ -9,7 +9,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from sparse_rcnn_jax import evaluation
+from sparse_rcnn_jax.evaluation import coco_eval
 
 STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR@1", "AR@10", "AR@100", "ARs", "ARm",
              "ARl")
@@ -71,7 +71,7 @@ def _pycocotools_stats(gt_path, results, cat_ids=None) -> np.ndarray:
 
 def _check_against_pycocotools(gt_path, results, max_classes=None):
   """Summary metrics and per-class AP (of the first `max_classes` classes) equal pycocotools'."""
-  metrics = evaluation.evaluate(gt_path, results)
+  metrics = coco_eval.evaluate(gt_path, results)
   np.testing.assert_allclose([metrics[k] for k in STAT_KEYS], _pycocotools_stats(gt_path, results),
                              rtol=0, atol=1e-12)
   gt = json.loads(gt_path.read_text())
@@ -108,7 +108,7 @@ def test_coco_val128_matches_pycocotools(data_dir, tmp_path):
   metrics = _check_against_pycocotools(gt_path, results, max_classes=6)
   assert 0.2 < metrics["AP"] < 0.8 and metrics["num_images"] == 128
   # The same detections read back from a results file.
-  from_file = evaluation.evaluate(gt_path, evaluation.write_results(results, tmp_path / "r.json"))
+  from_file = coco_eval.evaluate(gt_path, coco_eval.write_results(results, tmp_path / "r.json"))
   assert from_file == metrics
 
 
@@ -118,7 +118,7 @@ def _ground_truth_as_detections(gt: dict) -> list[dict]:
 
 
 def _check_scores_one(gt: dict):
-  metrics = evaluation.evaluate(gt, _ground_truth_as_detections(gt))
+  metrics = coco_eval.evaluate(gt, _ground_truth_as_detections(gt))
   for key in ("AP", "AP50", "AP75", "AR@100"):
     assert metrics[key] == 1.0, key
   # pycocotools' IoU of a box with itself can round to 1 - 1e-16.
@@ -152,17 +152,17 @@ def test_label_remap_round_trip():
       labels[b, j] = category_ids.index(ann["category_id"])
       valid[b, j] = True
   scores = np.linspace(0.9, 0.1, k)[None].repeat(len(image_ids), 0)
-  results = evaluation.detections_to_coco(image_ids, boxes, scores, labels, valid, category_ids)
+  results = coco_eval.detections_to_coco(image_ids, boxes, scores, labels, valid, category_ids)
   expected = sorted((a["image_id"], a["category_id"], tuple(map(float, a["bbox"])))
                     for a in gt["annotations"])
   assert sorted((r["image_id"], r["category_id"], tuple(r["bbox"])) for r in results) == expected
   assert all(isinstance(r["score"], float) and isinstance(r["image_id"], int) for r in results)
   with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
-    evaluation.detections_to_coco(image_ids, boxes, scores, labels, None, category_ids)
+    coco_eval.detections_to_coco(image_ids, boxes, scores, labels, None, category_ids)
 
 
 def test_no_detections_gives_zero_without_crash(capsys):
-  metrics = evaluation.evaluate(_tiny_gt(), [])
+  metrics = coco_eval.evaluate(_tiny_gt(), [])
   assert metrics["AP"] == metrics["AR@100"] == metrics["AP50"] == 0.0
   assert metrics["APl"] == -1  # The tiny set has no large box: undefined, as in pycocotools.
   assert metrics["per_class_AP"] == {"cat": 0.0, "dog": 0.0}
@@ -173,7 +173,7 @@ def test_no_detections_gives_zero_without_crash(capsys):
 def test_images_without_predictions_count_as_misses():
   gt = _tiny_gt()
   only_image_1 = [r for r in _ground_truth_as_detections(gt) if r["image_id"] == 1]
-  metrics = evaluation.evaluate(gt, only_image_1)
+  metrics = coco_eval.evaluate(gt, only_image_1)
   # cat: 1 of 3 boxes found; dog: 2 of 3 non-crowd boxes found.
   assert metrics["AR@100"] == pytest.approx((1 / 3 + 2 / 3) / 2)
 
@@ -186,42 +186,42 @@ def test_max_dets_counts_more_detections_per_image():
         "categories": [{"id": 1, "name": "dot"}]}
   results = [{"image_id": 1, "category_id": 1, "bbox": b, "score": 1.0 - i / 1000}
              for i, b in enumerate(boxes)]
-  default = evaluation.evaluate(gt, results)
+  default = coco_eval.evaluate(gt, results)
   assert default["AR@100"] == pytest.approx(100 / 150) and "AR@300" not in default
   assert default["AP"] < 0.7
-  full = evaluation.evaluate(gt, results, max_dets=300)
+  full = coco_eval.evaluate(gt, results, max_dets=300)
   assert full["AR@300"] == full["AP"] == 1.0 and full["AR@100"] == pytest.approx(100 / 150)
-  assert "AR@300" in evaluation.format_table(full)
+  assert "AR@300" in coco_eval.format_table(full)
 
 
 def test_user_errors_are_explained():
   gt = _tiny_gt()
   with pytest.raises(ValueError, match="no annotations"):
-    evaluation.evaluate({**gt, "annotations": []}, [])
+    coco_eval.evaluate({**gt, "annotations": []}, [])
   with pytest.raises(ValueError, match=r"category ids \[1\]"):
-    evaluation.evaluate(gt, [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 1}])
+    coco_eval.evaluate(gt, [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 1}])
   with pytest.raises(ValueError, match=r"e\.g\. \[42\]"):
-    evaluation.evaluate(gt, [{"image_id": 42, "category_id": 2, "bbox": [0, 0, 5, 5], "score": 1}])
+    coco_eval.evaluate(gt, [{"image_id": 42, "category_id": 2, "bbox": [0, 0, 5, 5], "score": 1}])
   broken = copy.deepcopy(gt)
   del broken["annotations"][2]["area"]
   with pytest.raises(ValueError, match=r"annotation 3 of image 1 lacks \['area'\]"):
-    evaluation.evaluate(broken, [])
+    coco_eval.evaluate(broken, [])
   with pytest.raises(ValueError, match="3 class names for 2 categories"):
-    evaluation.evaluate(gt, [], class_names=["a", "b", "c"])
+    coco_eval.evaluate(gt, [], class_names=["a", "b", "c"])
 
 
 def test_caller_data_is_not_modified():
   gt = _tiny_gt()
   results = _jittered_detections(gt, seed=1)
   gt_before, results_before = copy.deepcopy(gt), copy.deepcopy(results)
-  evaluation.evaluate(gt, results)
+  coco_eval.evaluate(gt, results)
   assert gt == gt_before and results == results_before
 
 
 def test_format_table_and_class_names():
   gt = _tiny_gt()
-  metrics = evaluation.evaluate(gt, _ground_truth_as_detections(gt), class_names=["Felis", "Canis"])
-  table = evaluation.format_table(metrics)
+  metrics = coco_eval.evaluate(gt, _ground_truth_as_detections(gt), class_names=["Felis", "Canis"])
+  table = coco_eval.format_table(metrics)
   assert "4 images, 6 detections, at most 100 per image" in table
   assert "Felis 100.0" in table and "Canis 100.0" in table
   lines = table.splitlines()

@@ -15,12 +15,12 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from sparse_rcnn_jax import checkpointing
-from sparse_rcnn_jax import detector
-from sparse_rcnn_jax import inference
-from sparse_rcnn_jax import model_state
+from sparse_rcnn_jax.training import checkpointing
+from sparse_rcnn_jax.model import detector
+from sparse_rcnn_jax.evaluation import inference
+from sparse_rcnn_jax.training import model_state
 from sparse_rcnn_jax import run_files
-from sparse_rcnn_jax import serving
+from sparse_rcnn_jax.evaluation import serving
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax import xla_cpu
 from sparse_rcnn_jax.data import info as info_lib

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sparse_rcnn_jax.convert.fpn import fpn_from_detectron2
-from sparse_rcnn_jax.fpn import FPN
+from sparse_rcnn_jax.model.fpn import FPN
 from test_backbone import assert_close, conv2d
 
 

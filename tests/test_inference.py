@@ -7,9 +7,9 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from sparse_rcnn_jax import detector
-from sparse_rcnn_jax import inference
-from sparse_rcnn_jax import postprocess
+from sparse_rcnn_jax.model import detector
+from sparse_rcnn_jax.evaluation import inference
+from sparse_rcnn_jax.evaluation import postprocess
 from sparse_rcnn_jax import sharding
 
 HEIGHT, WIDTH = 64, 64

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from sparse_rcnn_jax import interactions
-from sparse_rcnn_jax.dynamic_head import DynamicHead
-from sparse_rcnn_jax.dynamic_head import proposal_boxes_init
-from sparse_rcnn_jax.head_config import HeadConfig
+from sparse_rcnn_jax.model import interactions
+from sparse_rcnn_jax.model.dynamic_head import DynamicHead
+from sparse_rcnn_jax.model.dynamic_head import proposal_boxes_init
+from sparse_rcnn_jax.model.head_config import HeadConfig
 
 TINY = HeadConfig(num_classes=3, num_proposals=9, num_stages=2, hidden_dim=16,
                   dim_feedforward=32, num_heads=2, dim_dynamic=4)

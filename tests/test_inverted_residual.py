@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax.backbones import inverted_residual
-from sparse_rcnn_jax.backbones.inverted_residual import PARTS, BlockSpec, NetSpec
+from sparse_rcnn_jax.model.backbones import inverted_residual
+from sparse_rcnn_jax.model.backbones.inverted_residual import PARTS, BlockSpec, NetSpec
 
 
 class TinyNet(inverted_residual.InvertedResidualNet):

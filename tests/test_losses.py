@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from sparse_rcnn_jax import box_ops
-from sparse_rcnn_jax import losses
-from sparse_rcnn_jax import matcher
+from sparse_rcnn_jax.model import box_ops
+from sparse_rcnn_jax.training import losses
+from sparse_rcnn_jax.training import matcher
 from sparse_rcnn_jax.convert import checkpoint_io
-from sparse_rcnn_jax.convert import official
-from sparse_rcnn_jax.dynamic_head import DynamicHead
-from sparse_rcnn_jax.dynamic_head import Stage
+from sparse_rcnn_jax.model import official
+from sparse_rcnn_jax.model.dynamic_head import DynamicHead
+from sparse_rcnn_jax.model.dynamic_head import HeadStage
 from test_dynamic_head import reference_head_config
 from test_matcher import reference_targets
 
@@ -236,7 +236,7 @@ def test_gradients_match_official_given_its_stage_boxes(head_inputs, io):
     outs = []
     for s in range(cfg.num_stages):
       stage_boxes = boxes if s == 0 else jnp.asarray(io[f"stage{s}/boxes_in"])
-      logits, pred_boxes, feats = Stage(cfg).apply({"params": params[f"stage{s}"]}, features,
+      logits, pred_boxes, feats = HeadStage(cfg).apply({"params": params[f"stage{s}"]}, features,
                                                    stage_boxes, feats)
       outs.append((logits, pred_boxes))
     logits, pred_boxes = (jnp.stack(x) for x in zip(*outs))

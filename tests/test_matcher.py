@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax import matcher
+from sparse_rcnn_jax.training import matcher
 
 WEIGHTS = dict(class_weight=2.0, l1_weight=5.0, giou_weight=2.0, focal_alpha=0.25,
                focal_gamma=2.0)
@@ -54,13 +54,13 @@ def test_solve_assignments_is_optimal_against_brute_force():
       np.testing.assert_allclose(got, brute_force_cost(costs[k], mask[k]), rtol=1e-5, atol=1e-5)
 
 
-def test_hungarian_match_in_jit_equals_the_host_solver():
+def test_scipy_match_in_jit_equals_the_host_solver():
   """Through pure_callback, with batch and stage axes, masks and an image without boxes."""
   rng = np.random.default_rng(1)
   costs = rng.normal(size=(3, 2, 5, 4)).astype(np.float32)   # [B, S, N, M]
   mask = np.broadcast_to((rng.random((3, 1, 4)) < 0.7), (3, 2, 4)).copy()
   mask[1] = False
-  pred_index, match_mask = jax.jit(matcher.hungarian_match)(costs, mask)
+  pred_index, match_mask = jax.jit(matcher.scipy_match)(costs, mask)
   want_index, want_mask = matcher.solve_assignments(costs.reshape(-1, 5, 4), mask.reshape(-1, 4))
   np.testing.assert_array_equal(np.asarray(match_mask).reshape(-1, 4), want_mask)
   np.testing.assert_array_equal(np.asarray(pred_index).reshape(-1, 4)[want_mask],
@@ -74,7 +74,7 @@ def test_one_host_round_trip_for_all_stages_and_images(monkeypatch):
   monkeypatch.setattr(matcher, "solve_assignments", lambda c, m: calls.append(c.shape) or
                       solve(c, m))
   costs = np.random.default_rng(2).normal(size=(4, 6, 8, 3)).astype(np.float32)
-  jax.block_until_ready(jax.jit(matcher.hungarian_match)(costs, np.ones((4, 6, 3), bool)))
+  jax.block_until_ready(jax.jit(matcher.scipy_match)(costs, np.ones((4, 6, 3), bool)))
   assert calls == [(24, 8, 3)]
 
 
@@ -86,7 +86,7 @@ def test_vmap_makes_one_round_trip_and_keeps_results(monkeypatch):
   rng = np.random.default_rng(3)
   costs = rng.normal(size=(5, 2, 4, 3)).astype(np.float32)
   mask = rng.random((2, 3)) < 0.8      # not vmapped: broadcast to every element
-  pred_index, match_mask = jax.jit(jax.vmap(matcher.hungarian_match, in_axes=(0, None)))(
+  pred_index, match_mask = jax.jit(jax.vmap(matcher.scipy_match, in_axes=(0, None)))(
       costs, mask)
   assert calls == [(10, 4, 3)]
   for v in range(5):
@@ -101,7 +101,7 @@ def test_large_costs_are_passed_in_chunks_and_reassembled():
   costs = rng.normal(size=(3, 2, 60, 100)).astype(np.float32)   # 144 KB
   assert len(matcher._to_chunks(jnp.asarray(costs))) > 1
   mask = rng.random((3, 2, 100)) < 0.5
-  pred_index, match_mask = jax.jit(matcher.hungarian_match)(costs, mask)
+  pred_index, match_mask = jax.jit(matcher.scipy_match)(costs, mask)
   want_index, want_mask = matcher.solve_assignments(costs.reshape(-1, 60, 100),
                                                     mask.reshape(-1, 100))
   np.testing.assert_array_equal(np.asarray(match_mask).reshape(-1, 100), want_mask)
@@ -165,7 +165,7 @@ def test_costs_and_assignments_match_official(io, scenario):
   costs = matcher.match_costs(logits, boxes, t["gt_boxes"][:, None], t["gt_labels"][:, None],
                               t["image_whwh"][:, None], **WEIGHTS)
   mask = np.broadcast_to(t["gt_mask"][:, None], (2, 2, 6))
-  pred_index, match_mask = jax.jit(matcher.hungarian_match)(costs, mask)
+  pred_index, match_mask = jax.jit(matcher.scipy_match)(costs, mask)
   for s, b in itertools.product(range(2), range(2)):
     key = f"match/{scenario}/stage{s}/img{b}"
     n = int(t["gt_mask"][b].sum())

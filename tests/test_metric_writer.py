@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax import metric_writer
-from sparse_rcnn_jax import metrics_file
+from sparse_rcnn_jax.training import metric_writer
+from sparse_rcnn_jax.training import metrics_file
 
 
 def test_train_and_eval_lines_of_a_step_merge_and_a_rerun_step_wins(tmp_path):
@@ -67,7 +67,7 @@ def test_curves_are_redrawn_after_an_evaluation_and_when_the_interval_has_passed
 
 
 def test_a_failed_drawing_is_logged_and_training_goes_on(tmp_path, monkeypatch, caplog):
-  from sparse_rcnn_jax import plots  # pylint: disable=g-import-not-at-top
+  from sparse_rcnn_jax.training import plots  # pylint: disable=g-import-not-at-top
 
   def broken(path):
     raise RuntimeError(f"cannot draw {path}")

@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax.backbones import mobilenet_v2
-from sparse_rcnn_jax.backbones import weights as weights_lib
-from sparse_rcnn_jax.backbones.inverted_residual import Classifier
-from sparse_rcnn_jax.backbones.mobilenet_v2 import MobileNetV2
+from sparse_rcnn_jax.model.backbones import mobilenet_v2
+from sparse_rcnn_jax.model.backbones import weights as weights_lib
+from sparse_rcnn_jax.model.backbones.inverted_residual import Classifier
+from sparse_rcnn_jax.model.backbones.mobilenet_v2 import MobileNetV2
 from photos import assert_close, photos
 
 torch = pytest.importorskip("torch")

@@ -10,8 +10,8 @@ import pytest
 
 from configs import r50_100pro_3x
 from configs import tiny
-from sparse_rcnn_jax import detector
-from sparse_rcnn_jax import optim
+from sparse_rcnn_jax.model import detector
+from sparse_rcnn_jax.training import optim
 
 
 @pytest.mark.parametrize("step,batch,expected", [

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparse_rcnn_jax import metrics_file
-from sparse_rcnn_jax import plots
+from sparse_rcnn_jax.training import metrics_file
+from sparse_rcnn_jax.training import plots
 
 LINES = [  # As MetricWriter writes them: training and evaluation scalars on separate lines.
     {"step": 10, "loss": 8.0, "weighted_loss_ce_0": 1.0, "weighted_loss_ce_1": 2.0,

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax import postprocess
+from sparse_rcnn_jax.evaluation import postprocess
 
 
 def np_postprocess(logits, boxes, whwh, orig_size, k):

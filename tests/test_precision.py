@@ -29,11 +29,11 @@ import pytest
 from flax import traverse_util
 
 from configs import r50_100pro_3x, synthetic, tiny
-from sparse_rcnn_jax import detector
-from sparse_rcnn_jax import model_state
-from sparse_rcnn_jax import precision
-from sparse_rcnn_jax import trainer
-from sparse_rcnn_jax.dynamic_head import Stage
+from sparse_rcnn_jax.model import detector
+from sparse_rcnn_jax.training import model_state
+from sparse_rcnn_jax.model import precision
+from sparse_rcnn_jax.training import trainer
+from sparse_rcnn_jax.model.dynamic_head import HeadStage
 
 LOGITS_RTOL = 0.03
 BOXES_RTOL = 0.01
@@ -122,7 +122,7 @@ def test_head_stage_in_bfloat16_agrees_with_the_official_float32_stage(reference
     proposal_features = jnp.broadcast_to(params["proposal_features"][None], (b, n, d))
   else:
     proposal_features = jnp.asarray(io[f"stage{stage - 1}/obj_features"].reshape(b, n, d))
-  bfloat16 = Stage(dataclasses.replace(cfg, dtype="bfloat16"))
+  bfloat16 = HeadStage(dataclasses.replace(cfg, dtype="bfloat16"))
   logits, boxes, _ = jax.jit(bfloat16.apply)(
       {"params": params[f"stage{stage}"]}, [f.astype(jnp.bfloat16) for f in features],
       jnp.asarray(io[f"stage{stage}/boxes_in"]), proposal_features)

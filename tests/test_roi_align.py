@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax import roi_align
+from sparse_rcnn_jax.model import roi_align
 from sparse_rcnn_jax import xla_cpu
 
 STRIDES = (4, 8, 16, 32)

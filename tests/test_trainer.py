@@ -20,13 +20,13 @@ import pytest
 from PIL import Image
 
 from configs import r50_100pro_3x
-from sparse_rcnn_jax import detector
+from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax import experiment
-from sparse_rcnn_jax import metrics_file
-from sparse_rcnn_jax import model_state
-from sparse_rcnn_jax import optim
+from sparse_rcnn_jax.training import metrics_file
+from sparse_rcnn_jax.training import model_state
+from sparse_rcnn_jax.training import optim
 from sparse_rcnn_jax import sharding
-from sparse_rcnn_jax import trainer
+from sparse_rcnn_jax.training import trainer
 from sparse_rcnn_jax.data import info as info_lib
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -99,6 +99,9 @@ def test_same_seed_same_losses(baseline, data_root, tmp_path):
   assert np.isfinite(baseline["losses"]).all()
 
 
+# Slow: the whole run on 8 devices. The default suite checks the loss and gradients on 8 devices
+# (test_sharded_loss.py) and the whole run in two processes (below).
+@pytest.mark.slow
 def test_eight_devices_match_one(baseline, data_root, tmp_path):
   result = run_worker(tmp_path, data_root, *_DIGEST_FLAGS, devices=8)
   _assert_matches_baseline(result, baseline)

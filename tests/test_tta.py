@@ -15,10 +15,10 @@ from flax import traverse_util
 from PIL import Image
 
 from configs import tiny
-from sparse_rcnn_jax import detector
+from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax import device_batches
 from sparse_rcnn_jax import sharding
-from sparse_rcnn_jax import tta
+from sparse_rcnn_jax.evaluation import tta
 from sparse_rcnn_jax.data import pipeline
 
 VOTE_IOU = 0.65

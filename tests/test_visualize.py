@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparse_rcnn_jax import visualize
+from sparse_rcnn_jax.evaluation import visualize
 
 GREY = 90
 

@@ -48,7 +48,8 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
-  from sparse_rcnn_jax import experiment, metrics_file
+  from sparse_rcnn_jax import experiment
+  from sparse_rcnn_jax.training import metrics_file
   from sparse_rcnn_jax.data import info as info_lib
   config = tiny_config(data_root, num_steps, _BATCH.value, _CHECKPOINT_EVERY.value)
   if _MAIN_JOB.value:
@@ -58,7 +59,8 @@ def main(argv):
   digests = {"": state.params, "ema_": state.ema_params}
   if _DIGEST_STEP.value:
     from sparse_rcnn_jax import sharding
-    from sparse_rcnn_jax import detector, model_state
+    from sparse_rcnn_jax.model import detector
+    from sparse_rcnn_jax.training import model_state
     model = detector.build_model(config.model, info_lib.DatasetInfo.load(workdir).num_classes)
     variables, _ = model_state.restore_variables(model, config, workdir, sharding.make_mesh(),
                                                  step=_DIGEST_STEP.value, use_ema=False)

@@ -6,7 +6,7 @@ how users bring their own datasets. `read_coco` validates everything once (tqdm 
 into a compact `CocoTable`; `CocoSource` serves it through the `DetectionSource` interface.
 
 Labels: category ids sorted ascending and numbered 0..C-1 (COCO's 1..90 with gaps -> 0..79);
-`label_to_category_id` maps back. Crowd boxes are kept in the table and in `coco_gt()`, and left
+`category_ids` maps back. Crowd boxes are kept in the table and in `coco_gt()`, and left
 out of the training examples. Images without boxes are kept.
 
 Bad input (every problem of a kind is reported at once, counted, with the first examples):
@@ -395,7 +395,7 @@ class CocoSource(source_lib.DetectionSource):
     t = self.table
     self.ann_path = t.ann_path
     self.class_names = t.class_names
-    self.label_to_category_id = t.category_ids
+    self.category_ids = t.category_ids
     self.image_sizes = t.sizes
     box_image = np.repeat(np.arange(len(t.image_ids)), np.diff(t.box_start))
     self.num_boxes = np.bincount(box_image[~t.is_crowd], minlength=len(t.image_ids))

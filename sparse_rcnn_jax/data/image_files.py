@@ -15,7 +15,7 @@ class ImageFilesSource(source_lib.DetectionSource):
   def __init__(self, paths: Sequence[str | pathlib.Path], info: info_lib.DatasetInfo):
     self.paths = tuple(pathlib.Path(p) for p in paths)
     self.class_names = info.class_names
-    self.label_to_category_id = info.category_ids
+    self.category_ids = info.category_ids
     self.num_boxes = np.zeros(len(self.paths), np.int64)
     try:
       self.image_sizes = np.array([source_lib.image_size(p) for p in self.paths],
@@ -35,6 +35,6 @@ class ImageFilesSource(source_lib.DetectionSource):
   def coco_gt(self) -> dict[str, Any]:
     """The images without annotations (no AP can be computed from it)."""
     sizes = self.image_sizes if self.image_sizes is not None else np.zeros((len(self), 2))
-    return source_lib.build_coco_gt(self.class_names, self.label_to_category_id,
+    return source_lib.build_coco_gt(self.class_names, self.category_ids,
                                     images=((i, h, w) for i, (h, w) in enumerate(sizes)),
                                     annotations=())

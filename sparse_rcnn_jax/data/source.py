@@ -6,7 +6,7 @@ augmentation, batching) only talks to this interface.
 
 Conventions: images are uint8 RGB [H, W, 3] in the displayed orientation (EXIF applied); boxes are
 absolute xyxy float32 in the pixels of that image; labels are contiguous 0..C-1 (category ids are
-sorted and numbered; `label_to_category_id` maps back for evaluation). Crowd boxes never appear in
+sorted and numbered; `category_ids` maps back for evaluation). Crowd boxes never appear in
 an `Example` (training drops them) but stay in `coco_gt()` (evaluation ignores matches to them).
 """
 import abc
@@ -106,13 +106,13 @@ class DetectionSource(abc.ABC):
 
   Attributes:
     class_names: C names, index = contiguous label.
-    label_to_category_id: C original dataset category ids, index = contiguous label.
+    category_ids: C original dataset category ids, index = contiguous label.
     image_sizes: int [N, 2] (h, w) of each displayed image, or None when only decoding tells
       (then batches cannot be grouped by aspect ratio ahead of time).
     num_boxes: int [N] non-crowd boxes per image, or None when unknown without reading.
   """
   class_names: tuple[str, ...]
-  label_to_category_id: tuple[int, ...]
+  category_ids: tuple[int, ...]
   image_sizes: np.ndarray | None
   num_boxes: np.ndarray | None
 
@@ -123,7 +123,7 @@ class DetectionSource(abc.ABC):
   @property
   def info(self) -> info_lib.DatasetInfo:
     """The classes and category ids, as the rest of the program takes them."""
-    return info_lib.DatasetInfo(tuple(self.class_names), tuple(self.label_to_category_id))
+    return info_lib.DatasetInfo(tuple(self.class_names), tuple(self.category_ids))
 
   @abc.abstractmethod
   def __len__(self) -> int:
@@ -279,14 +279,14 @@ def read_header(path: str, expected_size: tuple[int, int] | None = None,
   return h, w
 
 
-def build_coco_gt(class_names: Sequence[str], label_to_category_id: Sequence[int],
+def build_coco_gt(class_names: Sequence[str], category_ids: Sequence[int],
                   images: Iterable[tuple[int, int, int]],
                   annotations: Iterable[tuple[int, int, int, Sequence[float], float, bool]]
                   ) -> dict[str, Any]:
   """A minimal COCO ground-truth dict, enough for pycocotools' bbox evaluation.
 
   Args:
-    class_names, label_to_category_id: per contiguous label.
+    class_names, category_ids: per contiguous label.
     images: (image_id, h, w) per image.
     annotations: (annotation_id, image_id, label, xyxy box, area, is_crowd) per box.
   """
@@ -294,10 +294,10 @@ def build_coco_gt(class_names: Sequence[str], label_to_category_id: Sequence[int
       "images": [{"id": int(i), "height": int(h), "width": int(w)} for i, h, w in images],
       "annotations": [{
           "id": int(ann_id), "image_id": int(image_id),
-          "category_id": int(label_to_category_id[label]),
+          "category_id": int(category_ids[label]),
           "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])],
           "area": float(area), "iscrowd": int(bool(crowd))}
                       for ann_id, image_id, label, box, area, crowd in annotations],
       "categories": [{"id": int(c), "name": n}
-                     for n, c in zip(class_names, label_to_category_id)],
+                     for n, c in zip(class_names, category_ids)],
   }

@@ -139,11 +139,11 @@ class TfdsSource(source_lib.DetectionSource):
     self.class_names = tuple(builder.info.features["objects"]["label"].names)
     metadata = builder.info.metadata or {}
     if "category_ids" in metadata:
-      self.label_to_category_id = tuple(metadata["category_ids"])
+      self.category_ids = tuple(metadata["category_ids"])
     elif builder.name == "coco" and self.num_classes == len(COCO_CATEGORY_IDS):
-      self.label_to_category_id = COCO_CATEGORY_IDS
+      self.category_ids = COCO_CATEGORY_IDS
     else:
-      self.label_to_category_id = tuple(range(1, self.num_classes + 1))
+      self.category_ids = tuple(range(1, self.num_classes + 1))
     # Recorded sizes line up only with a whole split ("train", not "train[:10%]").
     sizes = metadata.get("image_sizes", {}).get(split)
     self.image_sizes = None if sizes is None else np.array(sizes, np.int32).reshape(-1, 2)
@@ -191,5 +191,5 @@ class TfdsSource(source_lib.DetectionSource):
       areas = objects.get("area", (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
       for box, label, area, crowd in zip(boxes, objects["label"], areas, objects["is_crowd"]):
         annotations.append((len(annotations) + 1, image_id, int(label), box, area, crowd))
-    return source_lib.build_coco_gt(self.class_names, self.label_to_category_id, images,
+    return source_lib.build_coco_gt(self.class_names, self.category_ids, images,
                                     annotations)

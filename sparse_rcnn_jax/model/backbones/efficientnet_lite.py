@@ -17,10 +17,10 @@ from typing import ClassVar
 
 import ml_collections
 
-from sparse_rcnn_jax.backbones import inverted_residual
-from sparse_rcnn_jax.backbones import layers
-from sparse_rcnn_jax.backbones import weights as weights_lib
-from sparse_rcnn_jax.backbones.inverted_residual import BlockSpec, NetSpec
+from sparse_rcnn_jax.model.backbones import inverted_residual
+from sparse_rcnn_jax.model.backbones import layers
+from sparse_rcnn_jax.model.backbones import weights as weights_lib
+from sparse_rcnn_jax.model.backbones.inverted_residual import BlockSpec, NetSpec
 from sparse_rcnn_jax.convert import name_table
 from sparse_rcnn_jax.convert.name_table import Entry
 

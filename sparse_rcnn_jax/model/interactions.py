@@ -10,8 +10,8 @@ name, with no other change. Layers compute in `cfg.dtype` (parameters float32).
 """
 import flax.linen as nn
 
-from sparse_rcnn_jax import precision
-from sparse_rcnn_jax.head_config import HeadConfig
+from sparse_rcnn_jax.model import precision
+from sparse_rcnn_jax.model.head_config import HeadConfig
 
 xavier = nn.initializers.xavier_uniform()
 

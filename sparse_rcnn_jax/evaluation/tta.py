@@ -43,9 +43,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from sparse_rcnn_jax import evaluation
-from sparse_rcnn_jax import inference
-from sparse_rcnn_jax import postprocess
+from sparse_rcnn_jax.evaluation import coco_eval
+from sparse_rcnn_jax.evaluation import inference
+from sparse_rcnn_jax.evaluation import postprocess
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax import xla_cpu
 from sparse_rcnn_jax.data import batching
@@ -325,7 +325,7 @@ def evaluate_split(predict_fn, variables, config: ml_collections.ConfigDict, mes
 
   `predict_fn` is make_predict_fn's with flip=config.tta.flip, built once per run; images are
   padded to multiples of `size_divisibility` (the model's backbone's). Returns the
-  metrics of evaluation.evaluate; the lead host writes the merged detections to
+  metrics of coco_eval.evaluate; the lead host writes the merged detections to
   `results_path` if given.
   """
   tta = TtaSettings.from_config(config)
@@ -336,9 +336,9 @@ def evaluate_split(predict_fn, variables, config: ml_collections.ConfigDict, mes
     boxes, scores, labels = (np.concatenate(parts) for parts in zip(*found))
     boxes, scores, labels = merge_detections(boxes, scores, labels, sizes[image_id],
                                              tta.vote_iou, tta.max_detections)
-    results += evaluation.detections_to_coco([image_id], boxes[None], scores[None],
-                                             labels[None], None, source.label_to_category_id)
+    results += coco_eval.detections_to_coco([image_id], boxes[None], scores[None],
+                                             labels[None], None, source.category_ids)
   if results_path is not None and jax.process_index() == 0:
-    evaluation.write_results(results, results_path)
-  return evaluation.evaluate(source.coco_gt(), results, class_names=source.class_names,
+    coco_eval.write_results(results, results_path)
+  return coco_eval.evaluate(source.coco_gt(), results, class_names=source.class_names,
                              max_dets=max(100, tta.max_detections))

@@ -64,7 +64,7 @@ class MetricWriter:
     if not self.enabled or not self.path.exists():
       return None
     # Imported when first needed: matplotlib takes seconds to import.
-    from sparse_rcnn_jax import plots  # pylint: disable=g-import-not-at-top
+    from sparse_rcnn_jax.training import plots  # pylint: disable=g-import-not-at-top
     self._plotted_at = time.monotonic()
     try:
       return plots.save_curves(self.path)

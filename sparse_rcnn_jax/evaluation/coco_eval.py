@@ -21,7 +21,7 @@ _REQUIRED_GT_KEYS = ("id", "image_id", "category_id", "bbox", "area", "iscrowd")
 
 
 def detections_to_coco(image_ids, boxes_xyxy, scores, labels, valid,
-                       label_to_category_id: Sequence[int]) -> list[dict]:
+                       category_ids: Sequence[int]) -> list[dict]:
   """Model detections -> COCO results, every valid detection kept (no score threshold).
 
   Args:
@@ -30,7 +30,7 @@ def detections_to_coco(image_ids, boxes_xyxy, scores, labels, valid,
     scores: [B, K].
     labels: [B, K] contiguous class indices 0 .. C-1.
     valid: [B, K] bool, False for padding and dropped (empty) boxes; None keeps all.
-    label_to_category_id: [C] the COCO category id of each label.
+    category_ids: [C] the COCO category id of each label.
   Returns:
     [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}] in image order.
   """
@@ -44,7 +44,7 @@ def detections_to_coco(image_ids, boxes_xyxy, scores, labels, valid,
   if not boxes.shape[:-1] == scores.shape == labels.shape == valid.shape or boxes.shape[-1] != 4:
     raise ValueError(f"expected boxes [B, K, 4] and scores, labels, valid [B, K]; got "
                      f"{boxes.shape}, {scores.shape}, {labels.shape}, {valid.shape}")
-  category_ids = np.asarray(label_to_category_id)
+  category_ids = np.asarray(category_ids)
   kept = labels[valid]
   if kept.size and (kept.min() < 0 or kept.max() >= len(category_ids)):
     raise ValueError(f"labels must lie in [0, {len(category_ids)}) to map to category ids "

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from sparse_rcnn_jax import box_ops
-from sparse_rcnn_jax import matcher as matcher_lib
+from sparse_rcnn_jax.model import box_ops
+from sparse_rcnn_jax.training import matcher as matcher_lib
 
 TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 

@@ -32,9 +32,9 @@ from typing import Protocol
 import jax
 import ml_collections
 
-from sparse_rcnn_jax.backbones.efficientnet_lite import EfficientNetLite
-from sparse_rcnn_jax.backbones.mobilenet_v2 import MobileNetV2
-from sparse_rcnn_jax.backbones.resnet import ResNet
+from sparse_rcnn_jax.model.backbones.efficientnet_lite import EfficientNetLite
+from sparse_rcnn_jax.model.backbones.mobilenet_v2 import MobileNetV2
+from sparse_rcnn_jax.model.backbones.resnet import ResNet
 
 
 class Backbone(Protocol):

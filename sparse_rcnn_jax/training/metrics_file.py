@@ -1,7 +1,7 @@
 """A run's metrics.jsonl (written by metric_writer.py) read back: its records per step, and the
 learning curve in a few windows.
 
-  python -m sparse_rcnn_jax.metrics_file WORKDIR [--points N] [--key loss]   # prints the curve
+  python -m sparse_rcnn_jax.training.metrics_file WORKDIR [--points N] [--key loss]   # prints the curve
 """
 import json
 import pathlib
@@ -44,7 +44,7 @@ def learning_curve(records: list[dict], points: int = 10, key: str = "loss") -> 
 
 
 def main(argv=None):
-  """python -m sparse_rcnn_jax.metrics_file WORKDIR [--points N]: print a run's loss curve."""
+  """python -m sparse_rcnn_jax.training.metrics_file WORKDIR [--points N]: print a run's loss curve."""
   import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description="Print the loss curve of a training workdir.")
   parser.add_argument("workdir")

@@ -9,10 +9,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from sparse_rcnn_jax import backbones
-from sparse_rcnn_jax.dynamic_head import DynamicHead
-from sparse_rcnn_jax.fpn import FPN
-from sparse_rcnn_jax.head_config import HeadConfig
+from sparse_rcnn_jax.model import backbones
+from sparse_rcnn_jax.model.dynamic_head import DynamicHead
+from sparse_rcnn_jax.model.fpn import FPN
+from sparse_rcnn_jax.model.head_config import HeadConfig
 
 
 def normalize_images(images, mean: tuple[float, float, float], std: tuple[float, float, float]):

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sparse_rcnn_jax import conv
-from sparse_rcnn_jax import precision
-from sparse_rcnn_jax.backbones import layers
-from sparse_rcnn_jax.backbones import weights as weights_lib
+from sparse_rcnn_jax.model import conv
+from sparse_rcnn_jax.model import precision
+from sparse_rcnn_jax.model.backbones import layers
+from sparse_rcnn_jax.model.backbones import weights as weights_lib
 from sparse_rcnn_jax.convert import name_table
 from sparse_rcnn_jax.convert.name_table import Entry
 
@@ -235,7 +235,7 @@ class ResidualBlock(nn.Module):
     return nn.relu(y + x)
 
 
-class Stage(nn.Module):
+class ResNetStage(nn.Module):
   """A sequence of residual blocks named block0, block1, ..."""
   blocks: tuple[BlockSpec, ...]
   norm: str
@@ -340,7 +340,7 @@ class ResNet(nn.Module):
       x = jax.lax.stop_gradient(x)
     features = {}
     for level, (stage, blocks) in zip(self.levels, spec.stages.items()):
-      x = Stage(blocks, self.norm, self.conv_impl, self.dtype, name=stage)(x)
+      x = ResNetStage(blocks, self.norm, self.conv_impl, self.dtype, name=stage)(x)
       if self.is_frozen((stage,)):
         x = jax.lax.stop_gradient(x)
       features[level] = x

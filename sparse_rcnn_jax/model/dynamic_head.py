@@ -17,11 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparse_rcnn_jax import box_ops
-from sparse_rcnn_jax import interactions
-from sparse_rcnn_jax import precision
-from sparse_rcnn_jax.head_config import HeadConfig
-from sparse_rcnn_jax.roi_align import multilevel_roi_align
+from sparse_rcnn_jax.model import box_ops
+from sparse_rcnn_jax.model import interactions
+from sparse_rcnn_jax.model import precision
+from sparse_rcnn_jax.model.head_config import HeadConfig
+from sparse_rcnn_jax.model.roi_align import multilevel_roi_align
 
 xavier = interactions.xavier
 dense = interactions.dense
@@ -52,7 +52,7 @@ def proposal_boxes_init(kind: str):
   return init
 
 
-class Stage(nn.Module):
+class HeadStage(nn.Module):
   """One head stage (official `RCNNHead`).
 
   Attributes:
@@ -168,7 +168,7 @@ class DynamicHead(nn.Module):
     boxes, feats = proposal_boxes, init_features
     all_logits, all_boxes = [], []
     for i in range(cfg.num_stages):
-      logits, pred_boxes, obj = Stage(cfg, self.levels, name=f"stage{i}")(features, boxes,
+      logits, pred_boxes, obj = HeadStage(cfg, self.levels, name=f"stage{i}")(features, boxes,
                                                                           feats, deterministic)
       all_logits.append(logits)
       all_boxes.append(pred_boxes)

@@ -1,6 +1,6 @@
 """A run's learning curves as WORKDIR/metrics.png, drawn from its metrics.jsonl.
 
-  python -m sparse_rcnn_jax.plots WORKDIR
+  python -m sparse_rcnn_jax.training.plots WORKDIR
 
 Left: the training loss (log scale), raw and smoothed, and its three weighted terms summed over
 the stages (they add up to the loss, so the plot shows which term dominates). Right: the
@@ -15,7 +15,7 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 import numpy as np
 
-from sparse_rcnn_jax import metrics_file
+from sparse_rcnn_jax.training import metrics_file
 
 FIGURE_SIZE = (12.0, 4.5)  # Inches; at DPI a 1200 x 450 picture.
 DPI = 100
@@ -157,7 +157,7 @@ def save_curves(metrics_path: str | pathlib.Path, png_path: str | pathlib.Path |
 
 
 def main(argv=None):
-  """python -m sparse_rcnn_jax.plots WORKDIR [--out PNG]: (re)draw a run's metrics.png."""
+  """python -m sparse_rcnn_jax.training.plots WORKDIR [--out PNG]: (re)draw a run's metrics.png."""
   parser = argparse.ArgumentParser(description="Draw the learning curves of a training workdir.")
   parser.add_argument("workdir")
   parser.add_argument("--out", default=None, help="PNG path (default: WORKDIR/metrics.png).")

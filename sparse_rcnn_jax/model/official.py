@@ -27,9 +27,9 @@ import re
 import numpy as np
 from flax import traverse_util
 
-from sparse_rcnn_jax.backbones import resnet
+from sparse_rcnn_jax.model.backbones import resnet
 from sparse_rcnn_jax.convert import fpn as fpn_convert
-from sparse_rcnn_jax.head_config import HeadConfig
+from sparse_rcnn_jax.model.head_config import HeadConfig
 
 
 def _stage_linear_names(cfg: HeadConfig) -> list[tuple[str, tuple[str, ...], bool]]:

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparse_rcnn_jax import precision
+from sparse_rcnn_jax.model import precision
 from sparse_rcnn_jax.convert.name_table import Entry
 
 NORMS = ("frozen_bn", "group_norm")

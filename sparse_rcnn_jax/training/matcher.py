@@ -1,7 +1,7 @@
 """Hungarian matching of predictions to ground truth (docs/model.md, section 5).
 
 The costs are computed on the device for every stage and image at once. A matcher is any
-function with the signature of `hungarian_match`
+function with the signature of `scipy_match`
 
     (costs [B, ..., N, M], gt_mask [B, ..., M]) -> (pred_index [B, ..., M], match_mask [B, ..., M])
 
@@ -53,7 +53,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from scipy.optimize import linear_sum_assignment
 
-from sparse_rcnn_jax import box_ops
+from sparse_rcnn_jax.model import box_ops
 
 Matcher = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -156,7 +156,7 @@ def _from_chunks(chunks, shape: tuple[int, ...]) -> np.ndarray:
   return joined.reshape(joined.shape[:-1] + shape)
 
 
-def hungarian_match(costs: jax.Array, gt_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def scipy_match(costs: jax.Array, gt_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Minimum-cost one-to-one matching of each block, solved on the host in one round trip.
 
   Args:
@@ -227,7 +227,7 @@ def _device_block(costs: jax.Array, gt_mask: jax.Array) -> tuple[jax.Array, jax.
 
 
 def device_match(costs: jax.Array, gt_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The matching of `hungarian_match`, solved on the device in float32 (no host callback).
+  """The matching of `scipy_match`, solved on the device in float32 (no host callback).
 
   Args:
     costs: [..., N, M] (e.g. [B, S, N, M]); no gradient flows.
@@ -242,7 +242,7 @@ def device_match(costs: jax.Array, gt_mask: jax.Array) -> tuple[jax.Array, jax.A
   return pred_index.reshape(lead + (m,)), match_mask.reshape(lead + (m,))
 
 
-MATCHERS: dict[str, Matcher] = {"scipy": hungarian_match, "device": device_match}
+MATCHERS: dict[str, Matcher] = {"scipy": scipy_match, "device": device_match}
 
 
 def per_device(matcher: Matcher, mesh: Mesh, axis: str) -> Matcher:

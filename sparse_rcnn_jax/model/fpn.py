@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparse_rcnn_jax import precision
-from sparse_rcnn_jax.conv import Conv
+from sparse_rcnn_jax.model import precision
+from sparse_rcnn_jax.model.conv import Conv
 
 # detectron2's c2_xavier_fill: kaiming_uniform with a=1, i.e. U(+-sqrt(3 / fan_in)); bias 0.
 _c2_xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")

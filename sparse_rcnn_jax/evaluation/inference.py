@@ -13,8 +13,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sparse_rcnn_jax import device_batches
-from sparse_rcnn_jax import evaluation
-from sparse_rcnn_jax import postprocess
+from sparse_rcnn_jax.evaluation import coco_eval
+from sparse_rcnn_jax.evaluation import postprocess
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax import xla_cpu
 from sparse_rcnn_jax.data import pipeline
@@ -69,14 +69,14 @@ def gathered_predictions(predict_fn, variables, batches: Iterable[dict], mesh,
 
 
 def predict_dataset(predict_fn, variables, batches: Iterable[dict], mesh,
-                    label_to_category_id) -> list[dict]:
+                    category_ids) -> list[dict]:
   """COCO-format detections for every valid image of `batches` (host-local batches)."""
   results = []
   for dets, local in gathered_predictions(predict_fn, variables, batches, mesh,
                                           ("boxes", "scores", "labels", "valid")):
     valid = np.asarray(dets["valid"]) & np.asarray(local["valid"])[:, None]
-    results += evaluation.detections_to_coco(local["image_id"], dets["boxes"], dets["scores"],
-                                             dets["labels"], valid, label_to_category_id)
+    results += coco_eval.detections_to_coco(local["image_id"], dets["boxes"], dets["scores"],
+                                             dets["labels"], valid, category_ids)
   return results
 
 
@@ -86,14 +86,14 @@ def evaluate_split(predict_fn, variables, config: ml_collections.ConfigDict, mes
   the eval `source`, padded to multiples of `size_divisibility` (the model's backbone's), and
   evaluates the detections with COCOeval.
 
-  Returns the metrics of evaluation.evaluate (AP, AP50, ..., per-class AP). The lead host
+  Returns the metrics of coco_eval.evaluate (AP, AP50, ..., per-class AP). The lead host
   writes the detections to `results_path` if given.
   """
   batches = pipeline.SkipReport(source, "eval").follow(
       pipeline.eval_iterator(config.data, source, jax.process_index(), jax.process_count(),
                              size_divisibility=size_divisibility))
-  results = predict_dataset(predict_fn, variables, batches, mesh, source.label_to_category_id)
+  results = predict_dataset(predict_fn, variables, batches, mesh, source.category_ids)
   if results_path is not None and jax.process_index() == 0:
-    evaluation.write_results(results, results_path)
-  return evaluation.evaluate(source.coco_gt(), results, class_names=source.class_names,
+    coco_eval.write_results(results, results_path)
+  return coco_eval.evaluate(source.coco_gt(), results, class_names=source.class_names,
                              max_dets=max(100, config.model.num_proposals))

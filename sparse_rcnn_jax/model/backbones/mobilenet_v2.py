@@ -12,10 +12,10 @@ and which do not install on current Pythons: install it with --no-deps.
 """
 from typing import ClassVar
 
-from sparse_rcnn_jax.backbones import inverted_residual
-from sparse_rcnn_jax.backbones import layers
-from sparse_rcnn_jax.backbones import weights as weights_lib
-from sparse_rcnn_jax.backbones.inverted_residual import BlockSpec, NetSpec
+from sparse_rcnn_jax.model.backbones import inverted_residual
+from sparse_rcnn_jax.model.backbones import layers
+from sparse_rcnn_jax.model.backbones import weights as weights_lib
+from sparse_rcnn_jax.model.backbones.inverted_residual import BlockSpec, NetSpec
 from sparse_rcnn_jax.convert import name_table
 from sparse_rcnn_jax.convert.name_table import Entry
 

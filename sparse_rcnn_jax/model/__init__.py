@@ -1,0 +1,1 @@
+"""The detector: backbones, FPN, RoIAlign and the dynamic head, as linen modules."""

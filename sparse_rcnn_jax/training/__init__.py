@@ -1,0 +1,1 @@
+"""Training: the set-prediction loss and matching, the optimizer, the train state, the loop."""
