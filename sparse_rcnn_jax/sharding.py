@@ -36,7 +36,12 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
 
 
 def make_mesh(devices=None) -> Mesh:
-  """A 1-D "data" mesh over `devices` (default: all devices of all hosts)."""
+  """A 1-D "data" mesh over `devices` (default: all devices of all hosts), in jax.devices()'
+  order (each process's devices together, as global batches are assembled).
+
+  Not jax.make_mesh: in this JAX its axes default to Explicit (shardings carried in the types);
+  this code is written and tested with Auto axes, which Mesh(...) gives.
+  """
   devices = np.asarray(jax.devices() if devices is None else devices)
   return Mesh(devices.reshape(-1), MESH_AXES)
 

@@ -36,6 +36,11 @@ _UNIT_BOX = np.array([0.0, 0.0, 1.0, 1.0], np.float32)
 def sigmoid_focal_loss(logits, targets, alpha: float = 0.25, gamma: float = 2.0):
   """Elementwise sigmoid focal loss (Lin et al. 2017), as fvcore's sigmoid_focal_loss.
 
+  Ours rather than optax.losses.sigmoid_focal_loss: optax computes (1 - p_t) in log space (a
+  logsumexp over the logits stacked twice), a different rounding from the official code's
+  fvcore form that the reference tests compare against, and twice the memory over all
+  B * N * C logits of every stage.
+
   Args:
     logits: [...] raw logits.
     targets: [...] 0/1 targets, same shape.
