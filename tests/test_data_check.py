@@ -438,8 +438,12 @@ def test_check_modes_and_empty_training_split_in_the_report(tmp_path):
   ann = write_json(tmp_path / "a.json", [("a.jpg", H, W), ("b.jpg", H, W)], [])
   cfg = data_cfg(train_ann=ann, train_images=images, on_bad_image="error")
   (report,) = check.check(cfg)
-  assert report.fatal == ("the training split has no boxes (set config.data.allow_empty_train="
-                          "True if that is intended)",)
+  (empty,) = report.fatal
+  assert "has no boxes" in empty and str(ann) in empty and "2 images" in empty
+  assert "config.data.allow_empty_train=True" in empty
+  with pytest.raises(source_lib.DataError) as loading:  # the same rule when a run loads it
+    pipeline.load_source(cfg, "train")
+  assert str(loading.value) == empty
   (report,) = check.check(cfg, "decode")
   assert report.scan.image_problems.counts == {"cannot decode": 1}
   assert report.fatal[0] == "1 bad images under on_bad_image='error'"

@@ -77,11 +77,11 @@ def check_split(data: ml_collections.ConfigDict, split: str,
   if scan.annotation_problems and data.on_bad_annotation == "error":
     fatal.append(f"{scan.annotation_problems.total} bad annotations under "
                  "on_bad_annotation='error'")
-  t = scan.table
-  if (split == "train" and not np.count_nonzero(~t.is_crowd)
-      and not data.get("allow_empty_train", False)):
-    fatal.append("the training split has no boxes (set config.data.allow_empty_train=True if "
-                 "that is intended)")
+  empty = source_lib.empty_training_split(
+      split, int(np.count_nonzero(~scan.table.is_crowd)), len(scan.table.image_ids), paths[0],
+      data.get("allow_empty_train", False))
+  if empty:
+    fatal.append(empty)
   return SplitReport(split, scan, seconds, tuple(fatal))
 
 

@@ -89,13 +89,12 @@ def load_source(config: ml_collections.ConfigDict, split: str) -> source_lib.Det
     raise ValueError(f"config.data.source must be one of {sorted(SOURCES)}, got "
                      f"{config.source!r}")
   source = SOURCES[config.source](config, split)
-  if (split == "train" and source.num_boxes is not None and not source.num_boxes.sum()
-      and not config.get("allow_empty_train", False)):
-    raise source_lib.DataError(
-        f"The training split {getattr(source, 'ann_path', config.source)} has no boxes (no "
-        f"'annotations', an empty list, or all of them crowd or dropped) in its {len(source)} "
-        "images: a detector would learn to find nothing. Set "
-        "config.data.allow_empty_train=True if that is intended.")
+  if source.num_boxes is not None:
+    empty = source_lib.empty_training_split(
+        split, int(source.num_boxes.sum()), len(source),
+        getattr(source, "ann_path", config.source), config.get("allow_empty_train", False))
+    if empty:
+      raise source_lib.DataError(empty)
   return source
 
 

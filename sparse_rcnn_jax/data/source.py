@@ -83,6 +83,18 @@ class Problems:
     return "\n".join(lines)
 
 
+def empty_training_split(split: str, num_boxes: int, num_images: int, what: str,
+                         allowed: bool) -> str | None:
+  """The one rule for a training split without any box: what to say, or None when `split` is
+  not "train", it has boxes, or empty training splits are `allowed`
+  (config.data.allow_empty_train). `what` names the split (its annotation file)."""
+  if split != "train" or num_boxes or allowed:
+    return None
+  return (f"The training split {what} has no boxes (no 'annotations', an empty list, or all of "
+          f"them crowd or dropped) in its {num_images} images: a detector would learn to find "
+          "nothing. Set config.data.allow_empty_train=True if that is intended.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
   """One decoded image and its non-crowd ground truth.
