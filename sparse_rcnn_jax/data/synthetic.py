@@ -383,30 +383,25 @@ def _process_alive(pid: int) -> bool:
   return True
 
 
-def generate(root: str | os.PathLike, *, num_train: int = 800, num_val: int = 100,
-             image_size: int = 160, seed: int = 0, max_objects: int = 8,
-             empty_fraction: float = 0.03, min_scale: float = 0.08, max_scale: float = 0.6,
-             min_visible: float = 0.5, image_format: str = "jpg", overwrite: bool = False
-             ) -> SyntheticPaths:
+def generate(root: str | os.PathLike, *, overwrite: bool = False, **fields) -> SyntheticPaths:
   """Writes the synthetic set to `root`, or reuses it when it is already there.
 
-  The dataset is a pure function of the arguments (byte-identical for the same seed and library
-  versions). A folder whose manifest records the same arguments is reused as is. Otherwise the set
-  is written to a hidden sibling folder and renamed to `root` in one step, so an interrupted run
-  never leaves a half dataset under `root`; leftovers of interrupted runs are removed.
+  The dataset is a pure function of its SyntheticConfig (byte-identical for the same seed and
+  library versions). A folder whose manifest records the same config is reused as is. Otherwise
+  the set is written to a hidden sibling folder and renamed to `root` in one step, so an
+  interrupted run never leaves a half dataset under `root`; leftovers of interrupted runs are
+  removed.
 
   Args:
     root: the dataset folder.
-    overwrite: replace an existing synthetic set made with other arguments; without it, such a
+    overwrite: replace an existing synthetic set made with another config; without it, such a
       folder is an error. A folder that is not a synthetic set is never replaced.
-    Other arguments: see SyntheticConfig and the module docstring.
+    **fields: SyntheticConfig's fields (num_train, image_size, seed, ...), its defaults for the
+      others.
   Returns:
     The paths of the annotation files and image folders.
   """
-  cfg = SyntheticConfig(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
-                        max_objects=max_objects, empty_fraction=empty_fraction,
-                        min_scale=min_scale, max_scale=max_scale, min_visible=min_visible,
-                        image_format=image_format)
+  cfg = SyntheticConfig(**fields)
   cfg.validate()
   root = pathlib.Path(root).absolute()
   wanted = _manifest(cfg)
