@@ -122,3 +122,14 @@ def test_checkpoint_io_errors(tmp_path):
   (tmp_path / "weights.bin").write_bytes(b"x")
   with pytest.raises(ValueError, match="expected a .pth"):
     checkpoint_io.load_state_dict(tmp_path / "weights.bin")
+
+
+def test_head_config_takes_every_field_from_the_config_and_names_those_it_lacks():
+  model = r50_100pro_3x.get_config().model.to_dict()
+  head = HeadConfig.from_config(model, num_classes=3)
+  assert head.num_classes == 3 and head.num_proposals == model["num_proposals"]
+  assert {f: getattr(head, f) for f in ("hidden_dim", "dtype", "interaction")} == {
+      f: model[f] for f in ("hidden_dim", "dtype", "interaction")}
+  del model["canonical_box_size"], model["prior_prob"]
+  with pytest.raises(ValueError, match=r"lacks \['canonical_box_size', 'prior_prob'\]"):
+    HeadConfig.from_config(model)

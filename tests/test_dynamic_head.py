@@ -13,16 +13,18 @@ from sparse_rcnn_jax.convert import checkpoint_io
 from sparse_rcnn_jax.model import official
 from sparse_rcnn_jax.model.dynamic_head import DynamicHead
 from sparse_rcnn_jax.model.dynamic_head import HeadStage
+from configs import r50_100pro_3x
 from sparse_rcnn_jax.model.head_config import HeadConfig
 
 
 def reference_head_config(reference_dir) -> HeadConfig:
   meta = json.loads((reference_dir / "sparse_rcnn_dev.json").read_text())["MODEL.SparseRCNN"]
-  return HeadConfig(num_classes=meta["NUM_CLASSES"], num_proposals=meta["NUM_PROPOSALS"],
-                    num_stages=meta["NUM_HEADS"], hidden_dim=meta["HIDDEN_DIM"],
-                    dim_feedforward=meta["DIM_FEEDFORWARD"], num_heads=meta["NHEADS"],
-                    dim_dynamic=meta["DIM_DYNAMIC"], num_cls_layers=meta["NUM_CLS"],
-                    num_reg_layers=meta["NUM_REG"], prior_prob=meta["PRIOR_PROB"])
+  return HeadConfig.from_config(
+      r50_100pro_3x.get_config().model, num_classes=meta["NUM_CLASSES"],
+      num_proposals=meta["NUM_PROPOSALS"], num_stages=meta["NUM_HEADS"],
+      hidden_dim=meta["HIDDEN_DIM"], dim_feedforward=meta["DIM_FEEDFORWARD"],
+      num_heads=meta["NHEADS"], dim_dynamic=meta["DIM_DYNAMIC"], num_cls_layers=meta["NUM_CLS"],
+      num_reg_layers=meta["NUM_REG"], prior_prob=meta["PRIOR_PROB"])
 
 
 @functools.cache

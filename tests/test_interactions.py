@@ -11,10 +11,12 @@ from flax import traverse_util
 from sparse_rcnn_jax.model import interactions
 from sparse_rcnn_jax.model.dynamic_head import DynamicHead
 from sparse_rcnn_jax.model.dynamic_head import proposal_boxes_init
+from configs import r50_100pro_3x
 from sparse_rcnn_jax.model.head_config import HeadConfig
 
-TINY = HeadConfig(num_classes=3, num_proposals=9, num_stages=2, hidden_dim=16,
-                  dim_feedforward=32, num_heads=2, dim_dynamic=4)
+TINY = HeadConfig.from_config(r50_100pro_3x.get_config().model, num_classes=3,
+                              num_proposals=9, num_stages=2, hidden_dim=16, dim_feedforward=32,
+                              num_heads=2, dim_dynamic=4)
 WHWH = jnp.array([[96.0, 64.0, 96.0, 64.0], [80.0, 60.0, 80.0, 60.0]])
 
 
