@@ -120,7 +120,8 @@ def serving_model(model: ml_collections.ConfigDict, num_classes: int,
   RoIAlign's form is resolved by `roi_align_impl_for`, convolutions' by `conv_impl_for`.
   """
   check_platforms(platforms)
-  impl = roi_align_impl_for(model.get("roi_align_impl", HeadConfig.roi_align_impl), platforms)
+  head = HeadConfig.from_config(model, num_classes=num_classes)  # Names any field it lacks.
+  impl = roi_align_impl_for(head.roi_align_impl, platforms)
   resolved = ml_collections.ConfigDict({**model.to_dict(), "conv_impl": conv_impl_for(platforms),
                                         "roi_align_impl": impl})
   return detector.build_model(resolved, num_classes)
