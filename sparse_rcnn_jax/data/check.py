@@ -71,12 +71,9 @@ def check_split(data: ml_collections.ConfigDict, split: str,
   scan = coco.scan_coco(*paths, clip=data.on_bad_annotation == "skip",
                         check=mode or data.get("check", "headers"))
   seconds = time.perf_counter() - start
-  fatal = []
-  if scan.image_problems and data.on_bad_image == "error":
-    fatal.append(f"{scan.image_problems.total} bad images under on_bad_image='error'")
-  if scan.annotation_problems and data.on_bad_annotation == "error":
-    fatal.append(f"{scan.annotation_problems.total} bad annotations under "
-                 "on_bad_annotation='error'")
+  problems = {"image": scan.image_problems, "annotation": scan.annotation_problems}
+  fatal = [f"{problems[kind].total} bad {kind}s under on_bad_{kind}='error'"
+           for kind in coco.stopping_problems(scan, data.on_bad_image, data.on_bad_annotation)]
   empty = source_lib.empty_training_split(
       split, int(np.count_nonzero(~scan.table.is_crowd)), len(scan.table.image_ids), paths[0],
       data.get("allow_empty_train", False))

@@ -103,6 +103,19 @@ def _check_policy(name: str, value: str) -> None:
     raise ValueError(f"config.data.{name} must be one of {POLICIES}, got {value!r}")
 
 
+def stopping_problems(scan: "CocoScan", on_bad_image: str,
+                      on_bad_annotation: str) -> tuple[str, ...]:
+  """The policies' one rule: which kinds of problem `scan` found stop a run, "image" (under
+  on_bad_image="error") and/or "annotation" (under on_bad_annotation="error"); the others are
+  skipped. read_coco raises for them, data/check.py reports them."""
+  _check_policy("on_bad_image", on_bad_image)
+  _check_policy("on_bad_annotation", on_bad_annotation)
+  return tuple(kind for kind, problems, policy in (
+      ("image", scan.image_problems, on_bad_image),
+      ("annotation", scan.annotation_problems, on_bad_annotation))
+      if problems and policy == "error")
+
+
 def load_json(path: str) -> dict[str, Any]:
   """Reads a COCO json and checks its top-level structure; errors name the file."""
   if not os.path.isfile(path):
@@ -361,15 +374,16 @@ def read_coco(ann_path: str, image_dir: str, on_bad_annotation: str = "error",
   _check_policy("on_bad_annotation", on_bad_annotation)
   _check_policy("on_bad_image", on_bad_image)
   scan = scan_coco(ann_path, image_dir, clip=on_bad_annotation == "skip", check=check)
+  stops = stopping_problems(scan, on_bad_image, on_bad_annotation)
   errors = []
   if scan.image_problems:
-    if on_bad_image == "error":
+    if "image" in stops:
       errors.append(f"{scan.image_report()}\nFix or remove them, or set "
                     "config.data.on_bad_image='skip' to leave them out.")
     else:
       logging.warning("%s\nLeft out (on_bad_image='skip').", scan.image_report())
   if scan.annotation_problems:
-    if on_bad_annotation == "error":
+    if "annotation" in stops:
       errors.append(f"{scan.annotation_report()}\nFix them, or set "
                     "config.data.on_bad_annotation='skip' to drop them (and clip boxes that "
                     "cross the image border).")
