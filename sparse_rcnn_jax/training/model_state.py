@@ -192,13 +192,16 @@ def abstract_state(model: detector.SparseRCNN, config: ml_collections.ConfigDict
 
 def restore_variables(model: detector.SparseRCNN, config: ml_collections.ConfigDict,
                       workdir: str | pathlib.Path, mesh, step: int | None = None,
-                      use_ema: bool = True) -> tuple[dict, int]:
+                      use_ema: bool = True, target: TrainState | None = None
+                      ) -> tuple[dict, int]:
   """({"params", "batch_stats"}, step) of `model` from the checkpoint of `step` (default: the
   newest) in `workdir`: the moving average of the parameters when the run kept one
-  (train.ema_decay > 0) and `use_ema`, else the parameters."""
+  (train.ema_decay > 0) and `use_ema`, else the parameters. `target`: abstract_state's, when
+  the caller has it already."""
+  target = abstract_state(model, config, mesh) if target is None else target
   manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
   try:
-    restored = checkpointing.restore(manager, abstract_state(model, config, mesh), step)
+    restored = checkpointing.restore(manager, target, step)
   finally:
     manager.close()
   if restored is None:
@@ -235,13 +238,13 @@ def _flat(config: ml_collections.ConfigDict) -> dict:
   return {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
 
 
-def _check_fits(model, config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
-                step: int | None, given: ml_collections.ConfigDict,
-                run: ml_collections.ConfigDict) -> None:
+def _check_fits(target: TrainState, workdir: pathlib.Path, step: int | None,
+                given: ml_collections.ConfigDict, run: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming the model fields of `given` that differ from the run's
-  (`run`) when `model`'s parameters do not have the shapes the checkpoint holds."""
+  (`run`) when the parameters of `target` (abstract_state's) do not have the shapes the
+  checkpoint holds."""
   stored = checkpointing.stored_shapes(workdir, step)
-  params = abstract_state(model, config, mesh).params
+  params = target.params
   wanted = {"params/" + "/".join(k): v.shape
             for k, v in traverse_util.flatten_dict(params).items()}
   misfits = sorted(k for k in wanted if stored and stored.get(k) != wanted[k])
@@ -280,8 +283,9 @@ def load_run(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | No
   info = info_lib.DatasetInfo.load(workdir)
   model = build_model(config.model, info.num_classes)
   mesh = sharding.make_mesh(jax.devices()[:1]) if mesh is None else mesh
+  target = abstract_state(model, trained, mesh)
   if saved is not None and config is not saved:
-    _check_fits(model, trained, workdir, mesh, step, given=config.model, run=saved.model)
-  variables, step = restore_variables(model, trained, workdir, mesh, step, use_ema)
+    _check_fits(target, workdir, step, given=config.model, run=saved.model)
+  variables, step = restore_variables(model, trained, workdir, mesh, step, use_ema, target)
   ema_kept = trained.train.get("ema_decay", 0.0) > 0
   return LoadedRun(config, info, model, variables, step, ema_kept, use_ema and ema_kept)
