@@ -21,8 +21,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from configs import tiny
 from sparse_rcnn_jax import experiment
-from sparse_rcnn_jax.training import metrics_file
+from sparse_rcnn_jax.data import layout
 from sparse_rcnn_jax.data import synthetic
+from sparse_rcnn_jax.training import metrics_file
 
 COCO128 = common.SHARED / "data" / "coco128"
 
@@ -48,10 +49,11 @@ def dataset(name: str, scratch: pathlib.Path, count: int) -> tuple[pathlib.Path,
       raise FileNotFoundError(f"{COCO128} not found (set SPARSE_RCNN_SHARED)")
     ann = COCO128 / "annotations" / "instances_train2017.json"
     return first_images_with_boxes(ann, count, scratch / "coco128.json"), COCO128 / "train2017"
-  paths = synthetic.generate(scratch / "synthetic", num_train=32, num_val=1, image_size=128,
-                             seed=0)
-  ann, images = paths.split("train")
-  return first_images_with_boxes(ann, count, scratch / "synthetic.json"), images
+  root = synthetic.generate(scratch / "synthetic", num_train=32, num_val=1, image_size=128,
+                            seed=0)
+  ann, images = layout.split_in(str(root), "train")
+  return (first_images_with_boxes(pathlib.Path(ann), count, scratch / "synthetic.json"),
+          pathlib.Path(images))
 
 
 def overfit_config(ann: pathlib.Path, images: pathlib.Path, steps: int, batch: int,

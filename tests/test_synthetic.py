@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from sparse_rcnn_jax.data import layout
 from sparse_rcnn_jax.data import synthetic
 
 SMALL = dict(num_train=10, num_val=4, image_size=96)
@@ -28,25 +29,31 @@ def dataset(tmp_path_factory):
                             image_size=96, empty_fraction=0.1, seed=3)
 
 
-def _load(path: pathlib.Path) -> dict:
-  return json.loads(path.read_text())
+def _load(path: pathlib.Path | str) -> dict:
+  return json.loads(pathlib.Path(path).read_text())
+
+
+def _split(root: pathlib.Path, split: str) -> tuple[pathlib.Path, pathlib.Path]:
+  """(json, image folder) of split "train" or "eval", found as for a user's coco_root."""
+  ann, images = layout.split_in(str(root), split)
+  return pathlib.Path(ann), pathlib.Path(images)
 
 
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path):
-  a = _tree_bytes(synthetic.generate(tmp_path / "a", seed=7, **SMALL).root)
-  b = _tree_bytes(synthetic.generate(tmp_path / "b", seed=7, **SMALL).root)
-  c = _tree_bytes(synthetic.generate(tmp_path / "c", seed=8, **SMALL).root)
+  a = _tree_bytes(synthetic.generate(tmp_path / "a", seed=7, **SMALL))
+  b = _tree_bytes(synthetic.generate(tmp_path / "b", seed=7, **SMALL))
+  c = _tree_bytes(synthetic.generate(tmp_path / "c", seed=8, **SMALL))
   assert len(a) == 1 + 2 + 10 + 4  # manifest, two jsons, images.
   assert a == b
   assert a.keys() == c.keys()
   differing = [k for k in a if a[k] != c[k]]
-  assert "annotations/instances_train.json" in differing
+  assert "annotations/train.json" in differing
   assert sum(k.startswith("images/") for k in differing) == 14
 
 
 def test_coco_files_load_in_pycocotools_and_boxes_are_valid(dataset):
-  for split in synthetic.SPLITS:
-    annotations, images = dataset.split(split)
+  for split in layout.SPLITS:
+    annotations, images = _split(dataset, split)
     with contextlib.redirect_stdout(io.StringIO()):
       coco = COCO(str(annotations))
     assert sorted(coco.getCatIds()) == list(synthetic.CATEGORY_IDS)
@@ -64,7 +71,7 @@ def test_coco_files_load_in_pycocotools_and_boxes_are_valid(dataset):
 
 
 def test_sizes_counts_and_empty_images(dataset):
-  coco = _load(dataset.train_annotations)
+  coco = _load(_split(dataset, "train")[0])
   per_image = np.bincount([a["image_id"] for a in coco["annotations"]], minlength=121)[1:]
   assert per_image.max() <= 8
   assert 4 <= (per_image == 0).sum() <= 25  # empty_fraction=0.1 of 120.
@@ -79,11 +86,11 @@ def test_sizes_counts_and_empty_images(dataset):
 
 def test_colour_does_not_tell_the_class(dataset):
   """The mean colour inside the boxes of each class is the same for every class."""
-  coco = _load(dataset.train_annotations)
+  coco = _load(_split(dataset, "train")[0])
   names = {im["id"]: im["file_name"] for im in coco["images"]}
   colours = {c: [] for c in synthetic.CATEGORY_IDS}
   for ann in coco["annotations"]:
-    image = np.asarray(Image.open(dataset.train_images / names[ann["image_id"]]), np.float64)
+    image = np.asarray(Image.open(_split(dataset, "train")[1] / names[ann["image_id"]]), np.float64)
     x, y, w, h = (int(round(v)) for v in ann["bbox"])
     colours[ann["category_id"]].append(image[y:y + h, x:x + w].reshape(-1, 3).mean(axis=0))
   means = np.array([np.mean(v, axis=0) for v in colours.values()])  # [classes, RGB]
@@ -110,14 +117,30 @@ def test_box_is_the_tight_extent_of_the_rasterised_shape(class_index):
 
 def test_existing_set_is_reused_and_other_arguments_are_refused(tmp_path):
   paths = synthetic.generate(tmp_path / "set", seed=1, **SMALL)
-  stamp = paths.train_annotations.stat().st_mtime_ns
+  stamp = _split(paths, "train")[0].stat().st_mtime_ns
   assert synthetic.generate(tmp_path / "set", seed=1, **SMALL) == paths
-  assert paths.train_annotations.stat().st_mtime_ns == stamp
+  assert _split(paths, "train")[0].stat().st_mtime_ns == stamp
   with pytest.raises(FileExistsError, match=r"seed=1 \(asked 2\)"):
     synthetic.generate(tmp_path / "set", seed=2, **SMALL)
   replaced = synthetic.generate(tmp_path / "set", seed=2, overwrite=True, **SMALL)
-  assert _load(replaced.root / "manifest.json")["config"]["seed"] == 2
+  assert _load(replaced / "manifest.json")["config"]["seed"] == 2
   assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_a_set_of_an_older_generator_is_written_again(tmp_path):
+  """Version 1 wrote annotations/instances_{train,val}.json and images/{train,val}/: a folder
+  of it with the same config is replaced by the current layout, found as a coco_root is."""
+  root = tmp_path / "set"
+  (root / "annotations").mkdir(parents=True)
+  (root / "annotations" / "instances_train.json").write_text("{}")
+  manifest = json.loads(json.dumps({"generator": "sparse_rcnn_jax.data.synthetic", "version": 1,
+                                    "config": dict(synthetic.SyntheticConfig(seed=1, **SMALL)
+                                                   .__dict__)}))
+  (root / "manifest.json").write_text(json.dumps(manifest))
+  assert synthetic.generate(root, seed=1, **SMALL) == root
+  assert not (root / "annotations" / "instances_train.json").exists()
+  assert _load(root / "manifest.json")["version"] == synthetic.GENERATOR_VERSION > 1
+  assert len(_load(_split(root, "train")[0])["images"]) == SMALL["num_train"]
 
 
 def test_folder_that_is_not_a_synthetic_set_is_never_touched(tmp_path):
@@ -131,8 +154,8 @@ def test_folder_that_is_not_a_synthetic_set_is_never_touched(tmp_path):
 def test_empty_folder_is_filled(tmp_path):
   (tmp_path / "empty").mkdir()
   paths = synthetic.generate(tmp_path / "empty", seed=1, **SMALL)
-  assert _load(paths.root / "manifest.json")["config"]["seed"] == 1
-  assert paths.train_annotations.exists()
+  assert _load(paths / "manifest.json")["config"]["seed"] == 1
+  assert _split(paths, "train")[0].exists()
 
 
 def test_interrupted_generation_leaves_no_half_set_and_recovers(tmp_path, monkeypatch):
@@ -155,10 +178,10 @@ def test_interrupted_generation_leaves_no_half_set_and_recovers(tmp_path, monkey
   dead.wait()
   leftover = tmp_path / f".set.partial-{socket.gethostname()}-{dead.pid}-0123abcd"
   (leftover / "annotations").mkdir(parents=True)
-  (leftover / "annotations" / "instances_train.json").write_text('{"images": [')
+  (leftover / "annotations" / "train.json").write_text('{"images": [')
   paths = synthetic.generate(root, **SMALL)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
-  assert len(_load(paths.val_annotations)["images"]) == 4
+  assert len(_load(_split(paths, "eval")[0])["images"]) == 4
 
 
 def test_command_line(tmp_path, capsys):
@@ -200,3 +223,24 @@ def test_config_fields_reach_the_generator(tmp_path):
   data.synthetic.max_object = 3
   with pytest.raises(ValueError, match="max_object"):
     pipeline.load_source(data, "train")
+
+
+def test_the_set_is_a_coco_root(tmp_path):
+  """A generated set is an ordinary dataset: `config.data.coco_root` pointed at it gives the
+  same images, boxes and labels as the synthetic source, in both splits."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from sparse_rcnn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  root = synthetic.generate(tmp_path / "set", seed=4, **SMALL)
+  common = {"on_bad_annotation": "error", "on_bad_image": "error"}
+  as_synthetic = ml_collections.ConfigDict(
+      {"source": "synthetic", "synthetic": dict(root=str(root), seed=4, **SMALL), **common})
+  as_coco = ml_collections.ConfigDict({"source": "coco", "coco_root": str(root), **common})
+  for split, count in (("train", SMALL["num_train"]), ("eval", SMALL["num_val"])):
+    a, b = pipeline.load_source(as_synthetic, split), pipeline.load_source(as_coco, split)
+    assert len(a) == len(b) == count and a.info == b.info
+    assert a.info.class_names == synthetic.CLASS_NAMES
+    for i in range(count):
+      x, y = a.example(i), b.example(i)
+      np.testing.assert_array_equal(x.image, y.image)
+      np.testing.assert_array_equal(x.boxes, y.boxes)
+      np.testing.assert_array_equal(x.labels, y.labels)

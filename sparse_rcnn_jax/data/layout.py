@@ -89,8 +89,18 @@ def coco_split(data: ml_collections.ConfigDict, split: str) -> tuple[str, str] |
                        f"got {split}_ann={ann!r}, {split}_images={images!r}")
     return ann, images
   root = data.get("coco_root", "")
-  if not root:
-    return None
+  return split_in(root, split) if root else None
+
+
+def split_in(root: str, split: str) -> tuple[str, str] | None:
+  """(instances json, image folder) of split "train" or "eval" in the folder `root`, by its
+  layout; None when the layout has no such split.
+  Raises:
+    ValueError: an unknown split.
+    FileNotFoundError: `root` matches no layout, or the layout's image folder is missing.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   layout = find_layout(root)
   for name in layout.names[split]:
     ann, images = layout.paths(root, name)

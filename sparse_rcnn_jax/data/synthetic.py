@@ -1,13 +1,14 @@
 """An embedded detection dataset of shapes, generated offline and deterministically from a seed.
 
-The set is written as an ordinary COCO-format folder, so training and evaluation on it run the
-same code path as on real data:
+The set is written as an ordinary COCO-format folder in the "annotations/" layout of
+`layout.py`, and read through that layout like a user's `coco_root`, so training and evaluation
+on it run the same code path as on real data:
 
   root/manifest.json                   the generation parameters (reuse is decided on these)
-  root/annotations/instances_train.json
-  root/annotations/instances_val.json
-  root/images/train/000001.jpg ...
-  root/images/val/000001.jpg ...
+  root/annotations/train.json
+  root/annotations/val.json
+  root/images/train/000001.jpg ...       (file_name "train/000001.jpg": the images folder is
+  root/images/val/000001.jpg ...          shared, one sub-folder per split)
 
 What a scene holds:
 - Objects of five classes that differ only by shape: disc (filled ellipse), ring (elliptic
@@ -49,13 +50,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sparse_rcnn_jax.data import coco
+from sparse_rcnn_jax.data import layout
 
 CLASS_NAMES = ("disc", "ring", "rectangle", "triangle", "cross")
 CATEGORY_IDS = (1, 3, 5, 7, 9)
 SPLITS = ("train", "val")
 
-# Bump when the drawing changes, so that folders made by an older generator are not reused.
-GENERATOR_VERSION = 1
+# Bump when the drawing or the files change, so that folders made by an older generator are not
+# reused (they are written again: the set is derived data). 2: the "annotations/" layout.
+GENERATOR_VERSION = 2
 _MANIFEST = "manifest.json"
 _GENERATOR = "sparse_rcnn_jax.data.synthetic"
 _SUPERSAMPLE = 4  # Polygons are rasterised at 4x and box-filtered down: anti-aliased edges.
@@ -94,29 +97,8 @@ class SyntheticConfig:
       raise ValueError(f"image_format must be 'jpg' or 'png', got {self.image_format!r}")
 
 
-@dataclasses.dataclass(frozen=True)
-class SyntheticPaths:
-  """Where a generated dataset lives."""
-  root: pathlib.Path
-  train_annotations: pathlib.Path
-  train_images: pathlib.Path
-  val_annotations: pathlib.Path
-  val_images: pathlib.Path
-
-  @classmethod
-  def under(cls, root: pathlib.Path) -> "SyntheticPaths":
-    return cls(root, _annotations_path(root, "train"), root / "images" / "train",
-               _annotations_path(root, "val"), root / "images" / "val")
-
-  def split(self, name: str) -> tuple[pathlib.Path, pathlib.Path]:
-    """(annotation json, image folder) of split `name` ('train' or 'val')."""
-    if name not in SPLITS:
-      raise ValueError(f"unknown split {name!r}; the synthetic set has {SPLITS}")
-    return getattr(self, f"{name}_annotations"), getattr(self, f"{name}_images")
-
-
 def _annotations_path(root: pathlib.Path, split: str) -> pathlib.Path:
-  return root / "annotations" / f"instances_{split}.json"
+  return root / "annotations" / f"{split}.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,13 +291,13 @@ def render_scene(seed: int, split: str, index: int, cfg: SyntheticConfig
 
 
 def _write_split(root: pathlib.Path, split: str, num_images: int, cfg: SyntheticConfig):
-  image_dir = root / "images" / split
-  image_dir.mkdir(parents=True)
+  image_dir = root / "images"
+  (image_dir / split).mkdir(parents=True)
   images, annotations = [], []
   for index in range(num_images):
     image, objects = render_scene(cfg.seed, split, index, cfg)
     image_id = index + 1
-    file_name = f"{image_id:06d}.{cfg.image_format}"
+    file_name = f"{split}/{image_id:06d}.{cfg.image_format}"
     if cfg.image_format == "jpg":
       # 4:4:4 keeps colour edges sharp; JPEG keeps the set small and decodes like real data.
       Image.fromarray(image).save(image_dir / file_name, quality=92, subsampling=0)
@@ -383,12 +365,13 @@ def _process_alive(pid: int) -> bool:
   return True
 
 
-def generate(root: str | os.PathLike, *, overwrite: bool = False, **fields) -> SyntheticPaths:
+def generate(root: str | os.PathLike, *, overwrite: bool = False, **fields) -> pathlib.Path:
   """Writes the synthetic set to `root`, or reuses it when it is already there.
 
   The dataset is a pure function of its SyntheticConfig (byte-identical for the same seed and
-  library versions). A folder whose manifest records the same config is reused as is. Otherwise
-  the set is written to a hidden sibling folder and renamed to `root` in one step, so an
+  library versions). A folder whose manifest records the same config is reused as is; one made
+  with the same config by an older GENERATOR_VERSION is written again. Otherwise the set is
+  written to a hidden sibling folder and renamed to `root` in one step, so an
   interrupted run never leaves a half dataset under `root`; leftovers of interrupted runs are
   removed.
 
@@ -399,7 +382,8 @@ def generate(root: str | os.PathLike, *, overwrite: bool = False, **fields) -> S
     **fields: SyntheticConfig's fields (num_train, image_size, seed, ...), its defaults for the
       others.
   Returns:
-    The paths of the annotation files and image folders.
+    The dataset folder (absolute), in the "annotations/" layout (`layout.split_in` finds its
+    splits).
   """
   cfg = SyntheticConfig(**fields)
   cfg.validate()
@@ -410,11 +394,12 @@ def generate(root: str | os.PathLike, *, overwrite: bool = False, **fields) -> S
   if root.exists():
     found = _read_manifest(root)
     if found == wanted:
-      return SyntheticPaths.under(root)
+      return root
     if found is None or found.get("generator") != _GENERATOR:
       raise FileExistsError(f"{root} exists and is not a synthetic dataset (no {_MANIFEST} from "
                             f"{__name__}); choose another folder")
-    if not overwrite:
+    older = found.get("config") == wanted["config"] and found.get("version") != GENERATOR_VERSION
+    if not (overwrite or older):
       theirs = found.get("config", {})
       differ = ", ".join(f"{k}={theirs.get(k)!r} (asked {v!r})"
                          for k, v in wanted["config"].items() if theirs.get(k) != v)
@@ -441,7 +426,7 @@ def generate(root: str | os.PathLike, *, overwrite: bool = False, **fields) -> S
         raise
   finally:
     shutil.rmtree(partial, ignore_errors=True)
-  return SyntheticPaths.under(root)
+  return root
 
 
 class SyntheticSource(coco.CocoSource):
@@ -461,8 +446,8 @@ class SyntheticSource(coco.CocoSource):
     if unknown:
       raise ValueError(f"config.data.synthetic has unknown fields {unknown}; the generator "
                        f"takes {known}")
-    ann, images = generate(root, **params).split("train" if split == "train" else "val")
-    return cls(str(ann), str(images), data.on_bad_annotation, data.on_bad_image)
+    ann, images = layout.split_in(str(generate(root, **params)), split)
+    return cls(ann, images, data.on_bad_annotation, data.on_bad_image)
 
 
 def main(argv: Sequence[str] | None = None):
@@ -475,14 +460,15 @@ def main(argv: Sequence[str] | None = None):
   parser.add_argument("--overwrite", action="store_true",
                       help="replace a synthetic set made with other arguments")
   args = vars(parser.parse_args(argv))
-  paths = generate(args.pop("out"), **args)
-  for split in SPLITS:
-    annotations, images = paths.split(split)
-    coco = json.loads(annotations.read_text())
+  root = str(generate(args.pop("out"), **args))
+  for split, name in zip(layout.SPLITS, SPLITS):
+    annotations, images = layout.split_in(root, split)
+    with open(annotations, encoding="utf-8") as f:
+      coco = json.load(f)
     counts = np.bincount([CATEGORY_IDS.index(a["category_id"]) for a in coco["annotations"]],
                          minlength=len(CLASS_NAMES))
     empty = len(coco["images"]) - len({a["image_id"] for a in coco["annotations"]})
-    print(f"{split}: {len(coco['images'])} images ({empty} without objects), "
+    print(f"{name}: {len(coco['images'])} images ({empty} without objects), "
           f"{len(coco['annotations'])} objects "
           f"({', '.join(f'{n} {c}' for n, c in zip(CLASS_NAMES, counts))})\n"
           f"  {annotations}\n  {images}")
