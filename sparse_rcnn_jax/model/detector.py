@@ -26,14 +26,15 @@ class SparseRCNN(nn.Module):
   """The whole detector.
 
   Attributes:
-    head: the dynamic head's configuration (its hidden_dim is also the FPN width, its dtype the
-      compute dtype of the whole model: precision.py).
-    backbone: a backbone module (backbones/), built in the same compute dtype; its `levels` are
-      the pyramid's.
+    head: the dynamic head's configuration (its hidden_dim is also the FPN width).
+    backbone: a backbone module (backbones/), built in `dtype`; its `levels` are the pyramid's.
+    dtype: the compute dtype of the whole model, "float32" or "bfloat16" (config.model.dtype;
+      precision.py says what stays float32); the backbone and the head are built with it.
     conv_impl: how the FPN's convolutions are differentiated (conv.make_conv).
   """
   head: HeadConfig
   backbone: backbones.Backbone
+  dtype: str
   conv_impl: str = "auto"
 
   def is_frozen(self, path: tuple[str, ...]) -> bool:
@@ -55,10 +56,9 @@ class SparseRCNN(nn.Module):
       pixels, and "proposal_boxes" [B, N, 4] (see DynamicHead), all float32.
     """
     x = normalize_images(images, self.backbone.pixel_mean, self.backbone.pixel_std)
-    dtype = self.head.dtype
     levels = self.backbone.levels
     features = self.backbone(x)
-    maps = FPN(self.head.hidden_dim, levels, conv_impl=self.conv_impl, dtype=dtype,
+    maps = FPN(self.head.hidden_dim, levels, conv_impl=self.conv_impl, dtype=self.dtype,
                name="fpn")(features)
     return DynamicHead(self.head, levels, name="head")(maps, image_whwh, deterministic)
 
@@ -69,5 +69,5 @@ def build_model(model: ml_collections.ConfigDict, num_classes: int | None = None
   (benchmarks and tests on random data)."""
   head = HeadConfig.from_config(model, **({} if num_classes is None else
                                           {"num_classes": num_classes}))
-  backbone = backbones.build_backbone(model.backbone, dtype=head.dtype, conv_impl=model.conv_impl)
-  return SparseRCNN(head=head, backbone=backbone, conv_impl=model.conv_impl)
+  backbone = backbones.build_backbone(model.backbone, dtype=model.dtype, conv_impl=model.conv_impl)
+  return SparseRCNN(head=head, backbone=backbone, dtype=model.dtype, conv_impl=model.conv_impl)

@@ -29,8 +29,8 @@ class HeadConfig:
   canonical_box_size: float
   dropout: float
   prior_prob: float
-  # Compute dtype of the whole model, "float32" or "bfloat16" (precision.py says what stays
-  # float32); config.model.dtype.
+  # The head's compute dtype, "float32" or "bfloat16": config.model.dtype, the whole model's
+  # (SparseRCNN.dtype), read from the same field (precision.py says what stays float32).
   dtype: str
   # Research switches (the paper's ablations).
   interaction: str      # a key of interactions.INTERACTIONS (Table 8, Table 4)
