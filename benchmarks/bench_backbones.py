@@ -17,9 +17,9 @@ import ml_collections
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import bench_inference, bench_train_step, common  # pylint: disable=g-import-not-at-top
 from configs import custom
-from sparse_rcnn_jax.model import detector
-from sparse_rcnn_jax.evaluation import serving
 from sparse_rcnn_jax.data import pipeline
+from sparse_rcnn_jax.evaluation import serving
+from sparse_rcnn_jax.model import detector
 
 # Name -> (recipe of configs/custom.py, backbone fields).
 BACKBONES = {

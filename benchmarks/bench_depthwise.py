@@ -31,8 +31,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
-from sparse_rcnn_jax.model import conv
 from sparse_rcnn_jax import xla_cpu
+from sparse_rcnn_jax.model import conv
 
 # Depthwise layers at a 384x384 input: (model, [B, H, W, C], kernel, stride). EfficientNet-Lite
 # pads as TensorFlow's "SAME", MobileNetV2 (k - 1) // 2 on every side.

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from configs import r50_100pro_3x, r50_300pro_3x, r101_100pro_3x, tiny
-from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax.evaluation import postprocess
+from sparse_rcnn_jax.model import detector
 
 MODELS = {
     "r50_100pro": (r50_100pro_3x, (800, 1216)),

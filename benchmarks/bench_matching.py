@@ -24,10 +24,10 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from configs import r50_100pro_3x, r50_300pro_3x, tiny
-from sparse_rcnn_jax.training import losses
-from sparse_rcnn_jax.training import matcher
 from sparse_rcnn_jax.model.dynamic_head import DynamicHead
 from sparse_rcnn_jax.model.head_config import HeadConfig
+from sparse_rcnn_jax.training import losses
+from sparse_rcnn_jax.training import matcher
 
 HEADS = {  # config, training image (h, w) at the largest scale
     "tiny": (tiny, (128, 160)),

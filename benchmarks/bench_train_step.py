@@ -18,11 +18,11 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from configs import bccd, r50_100pro_3x, r50_300pro_3x, synthetic, tiny
-from sparse_rcnn_jax.model import detector
-from sparse_rcnn_jax.training import model_state, trainer
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax.data import pipeline
 from sparse_rcnn_jax.data import synthetic as synthetic_data
+from sparse_rcnn_jax.model import detector
+from sparse_rcnn_jax.training import model_state, trainer
 
 # Config module and the number of classes of its dataset (None: the config's own).
 MODELS = {

@@ -37,12 +37,12 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from configs import r50_100pro_3x
-from sparse_rcnn_jax.model import box_ops, detector
-from sparse_rcnn_jax.training import losses
 from sparse_rcnn_jax import xla_cpu
+from sparse_rcnn_jax.model import box_ops, detector
 from sparse_rcnn_jax.model.dynamic_head import DynamicHead
 from sparse_rcnn_jax.model.fpn import FPN
 from sparse_rcnn_jax.model.roi_align import multilevel_roi_align
+from sparse_rcnn_jax.training import losses
 
 HARNESS = common.SHARED / "official_timing"
 IMAGE_HW = (800, 1216)

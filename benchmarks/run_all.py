@@ -31,9 +31,9 @@ import jax
 
 from benchmarks import bench_inference, bench_matching, bench_train_step, common
 from configs import r50_100pro_3x, r50_300pro_3x, tiny
+from sparse_rcnn_jax.data import pipeline
 from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax.training import matcher
-from sparse_rcnn_jax.data import pipeline
 
 DTYPES = ("float32", "bfloat16")
 MATCHERS = ("scipy", "device")

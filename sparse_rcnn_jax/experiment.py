@@ -18,17 +18,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from sparse_rcnn_jax.model import detector
-from sparse_rcnn_jax.evaluation import coco_eval
-from sparse_rcnn_jax.evaluation import inference
-from sparse_rcnn_jax.training import metric_writer
 from sparse_rcnn_jax import run_files
 from sparse_rcnn_jax import sharding
-from sparse_rcnn_jax.training import trainer
-from sparse_rcnn_jax.evaluation import visualize
 from sparse_rcnn_jax.data import info as info_lib
 from sparse_rcnn_jax.data import pipeline
 from sparse_rcnn_jax.data import source as source_lib
+from sparse_rcnn_jax.evaluation import coco_eval
+from sparse_rcnn_jax.evaluation import inference
+from sparse_rcnn_jax.evaluation import visualize
+from sparse_rcnn_jax.model import detector
+from sparse_rcnn_jax.training import metric_writer
+from sparse_rcnn_jax.training import trainer
 
 log = logging.getLogger(__name__)
 

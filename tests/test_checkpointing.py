@@ -5,8 +5,8 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from sparse_rcnn_jax.training import checkpointing
 from sparse_rcnn_jax import sharding
+from sparse_rcnn_jax.training import checkpointing
 
 # One optimizer object: it is a static field of the state, part of the tree's structure. Wrapped
 # like optim.make_optimizer's, so the state also holds int and bool scalars.

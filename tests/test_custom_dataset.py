@@ -20,13 +20,13 @@ from PIL import Image
 import pytest
 
 from configs import custom
-from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax import experiment
 from sparse_rcnn_jax.data import check
 from sparse_rcnn_jax.data import config as data_config
 from sparse_rcnn_jax.data import layout
 from sparse_rcnn_jax.data import pipeline
 from sparse_rcnn_jax.data import source as source_lib
+from sparse_rcnn_jax.model import detector
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # XLA:CPU rounds differently on other processor models (README: the same run gave AP 30.8 and

@@ -8,8 +8,8 @@ from flax import traverse_util
 
 from configs import r50_100pro_3x
 from configs import tiny
-from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax.convert import checkpoint_io
+from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax.model import official
 from sparse_rcnn_jax.model.head_config import HeadConfig
 

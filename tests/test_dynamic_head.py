@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax.evaluation import postprocess
+from configs import r50_100pro_3x
 from sparse_rcnn_jax.convert import checkpoint_io
+from sparse_rcnn_jax.evaluation import postprocess
 from sparse_rcnn_jax.model import official
 from sparse_rcnn_jax.model.dynamic_head import DynamicHead
 from sparse_rcnn_jax.model.dynamic_head import HeadStage
-from configs import r50_100pro_3x
 from sparse_rcnn_jax.model.head_config import HeadConfig
 
 

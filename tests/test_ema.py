@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax.training import ema as ema_lib
 from sparse_rcnn_jax.training import model_state
-from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax.training import trainer
 
 

@@ -15,15 +15,15 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from sparse_rcnn_jax.training import checkpointing
-from sparse_rcnn_jax.model import detector
-from sparse_rcnn_jax.evaluation import inference
-from sparse_rcnn_jax.training import model_state
 from sparse_rcnn_jax import run_files
-from sparse_rcnn_jax.evaluation import serving
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax import xla_cpu
 from sparse_rcnn_jax.data import info as info_lib
+from sparse_rcnn_jax.evaluation import inference
+from sparse_rcnn_jax.evaluation import serving
+from sparse_rcnn_jax.model import detector
+from sparse_rcnn_jax.training import checkpointing
+from sparse_rcnn_jax.training import model_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 300

@@ -7,10 +7,10 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from sparse_rcnn_jax.model import detector
+from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax.evaluation import inference
 from sparse_rcnn_jax.evaluation import postprocess
-from sparse_rcnn_jax import sharding
+from sparse_rcnn_jax.model import detector
 
 HEIGHT, WIDTH = 64, 64
 

@@ -16,12 +16,12 @@ from flax import traverse_util
 from PIL import Image
 
 from configs import tiny
-from sparse_rcnn_jax.model import detector
-from sparse_rcnn_jax.training import init_from
-from sparse_rcnn_jax.training import model_state
 from sparse_rcnn_jax import experiment
 from sparse_rcnn_jax.convert import checkpoint_io
+from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax.model import official
+from sparse_rcnn_jax.training import init_from
+from sparse_rcnn_jax.training import model_state
 
 SIZE = 64
 

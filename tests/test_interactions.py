@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from configs import r50_100pro_3x
 from sparse_rcnn_jax.model import interactions
 from sparse_rcnn_jax.model.dynamic_head import DynamicHead
 from sparse_rcnn_jax.model.dynamic_head import proposal_boxes_init
-from configs import r50_100pro_3x
 from sparse_rcnn_jax.model.head_config import HeadConfig
 
 TINY = HeadConfig.from_config(r50_100pro_3x.get_config().model, num_classes=3,

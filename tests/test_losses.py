@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from sparse_rcnn_jax.model import box_ops
-from sparse_rcnn_jax.training import losses
-from sparse_rcnn_jax.training import matcher
 from sparse_rcnn_jax.convert import checkpoint_io
+from sparse_rcnn_jax.model import box_ops
 from sparse_rcnn_jax.model import official
 from sparse_rcnn_jax.model.dynamic_head import DynamicHead
 from sparse_rcnn_jax.model.dynamic_head import HeadStage
+from sparse_rcnn_jax.training import losses
+from sparse_rcnn_jax.training import matcher
 from test_dynamic_head import reference_head_config
 from test_matcher import reference_targets
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from sparse_rcnn_jax.convert import checkpoint_io
 from sparse_rcnn_jax.model import detector
-from sparse_rcnn_jax.training import model_state
 from sparse_rcnn_jax.model.backbones import efficientnet_lite
 from sparse_rcnn_jax.model.backbones import weights as weights_lib
-from sparse_rcnn_jax.convert import checkpoint_io
+from sparse_rcnn_jax.training import model_state
 from test_backbone import torchvision_resnet_state
 
 

@@ -30,10 +30,10 @@ from flax import traverse_util
 
 from configs import r50_100pro_3x, synthetic, tiny
 from sparse_rcnn_jax.model import detector
-from sparse_rcnn_jax.training import model_state
 from sparse_rcnn_jax.model import precision
-from sparse_rcnn_jax.training import trainer
 from sparse_rcnn_jax.model.dynamic_head import HeadStage
+from sparse_rcnn_jax.training import model_state
+from sparse_rcnn_jax.training import trainer
 
 LOGITS_RTOL = 0.03
 BOXES_RTOL = 0.01

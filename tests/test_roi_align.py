@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_rcnn_jax.model import roi_align
 from sparse_rcnn_jax import xla_cpu
+from sparse_rcnn_jax.model import roi_align
 
 STRIDES = (4, 8, 16, 32)
 

@@ -20,14 +20,14 @@ import pytest
 from PIL import Image
 
 from configs import r50_100pro_3x
-from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax import experiment
+from sparse_rcnn_jax import sharding
+from sparse_rcnn_jax.data import info as info_lib
+from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax.training import metrics_file
 from sparse_rcnn_jax.training import model_state
 from sparse_rcnn_jax.training import optim
-from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax.training import trainer
-from sparse_rcnn_jax.data import info as info_lib
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -15,11 +15,11 @@ from flax import traverse_util
 from PIL import Image
 
 from configs import tiny
-from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax import device_batches
 from sparse_rcnn_jax import sharding
-from sparse_rcnn_jax.evaluation import tta
 from sparse_rcnn_jax.data import pipeline
+from sparse_rcnn_jax.evaluation import tta
+from sparse_rcnn_jax.model import detector
 
 VOTE_IOU = 0.65
 IMAGE_HW = (300, 400)

@@ -13,11 +13,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from sparse_rcnn_jax import device_batches
-from sparse_rcnn_jax.evaluation import coco_eval
-from sparse_rcnn_jax.evaluation import postprocess
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax import xla_cpu
 from sparse_rcnn_jax.data import pipeline
+from sparse_rcnn_jax.evaluation import coco_eval
+from sparse_rcnn_jax.evaluation import postprocess
 
 log = logging.getLogger(__name__)
 

@@ -41,11 +41,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sparse_rcnn_jax.model import detector
-from sparse_rcnn_jax.evaluation import postprocess
-from sparse_rcnn_jax.model import roi_align
 from sparse_rcnn_jax.data import batching
 from sparse_rcnn_jax.data import info as info_lib
+from sparse_rcnn_jax.evaluation import postprocess
+from sparse_rcnn_jax.model import detector
+from sparse_rcnn_jax.model import roi_align
 from sparse_rcnn_jax.model.head_config import HeadConfig
 
 OUTPUTS = ("scores", "labels", "boxes")

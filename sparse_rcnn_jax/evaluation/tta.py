@@ -43,14 +43,14 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from sparse_rcnn_jax.evaluation import coco_eval
-from sparse_rcnn_jax.evaluation import inference
-from sparse_rcnn_jax.evaluation import postprocess
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax import xla_cpu
 from sparse_rcnn_jax.data import batching
 from sparse_rcnn_jax.data import pipeline
 from sparse_rcnn_jax.data import transforms
+from sparse_rcnn_jax.evaluation import coco_eval
+from sparse_rcnn_jax.evaluation import inference
+from sparse_rcnn_jax.evaluation import postprocess
 
 # A cluster member re-enters the results with score * (1 - IoU) only from this score on.
 SOFT_SCORE_MIN = 0.05

@@ -27,8 +27,8 @@ import re
 import numpy as np
 from flax import traverse_util
 
-from sparse_rcnn_jax.model.backbones import resnet
 from sparse_rcnn_jax.convert import fpn as fpn_convert
+from sparse_rcnn_jax.model.backbones import resnet
 from sparse_rcnn_jax.model.head_config import HeadConfig
 
 

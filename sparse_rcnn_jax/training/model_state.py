@@ -17,18 +17,18 @@ import numpy as np
 from flax import traverse_util
 from flax.training import train_state
 
-from sparse_rcnn_jax.training import checkpointing
-from sparse_rcnn_jax.model import detector
-from sparse_rcnn_jax.training import ema
-from sparse_rcnn_jax.training import init_from as init_from_lib
-from sparse_rcnn_jax.training import optim
 from sparse_rcnn_jax import run_files
 from sparse_rcnn_jax import sharding
 from sparse_rcnn_jax.convert import checkpoint_io
 from sparse_rcnn_jax.convert import name_table
-from sparse_rcnn_jax.model import official
 from sparse_rcnn_jax.data import info as info_lib
+from sparse_rcnn_jax.model import detector
+from sparse_rcnn_jax.model import official
 from sparse_rcnn_jax.model.head_config import HeadConfig
+from sparse_rcnn_jax.training import checkpointing
+from sparse_rcnn_jax.training import ema
+from sparse_rcnn_jax.training import init_from as init_from_lib
+from sparse_rcnn_jax.training import optim
 
 log = logging.getLogger(__name__)
 

@@ -18,18 +18,18 @@ import ml_collections
 import optax
 import orbax.checkpoint as ocp
 
-from sparse_rcnn_jax.training import checkpointing
-from sparse_rcnn_jax.model import detector
 from sparse_rcnn_jax import device_batches
+from sparse_rcnn_jax import sharding
+from sparse_rcnn_jax import xla_cpu
+from sparse_rcnn_jax.data import pipeline
+from sparse_rcnn_jax.data import source as source_lib
+from sparse_rcnn_jax.model import detector
+from sparse_rcnn_jax.training import checkpointing
 from sparse_rcnn_jax.training import ema as ema_lib
 from sparse_rcnn_jax.training import losses
 from sparse_rcnn_jax.training import metric_writer
 from sparse_rcnn_jax.training import model_state
 from sparse_rcnn_jax.training import optim
-from sparse_rcnn_jax import sharding
-from sparse_rcnn_jax import xla_cpu
-from sparse_rcnn_jax.data import pipeline
-from sparse_rcnn_jax.data import source as source_lib
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from typing import ClassVar
 
 import ml_collections
 
+from sparse_rcnn_jax.convert import name_table
+from sparse_rcnn_jax.convert.name_table import Entry
 from sparse_rcnn_jax.model.backbones import inverted_residual
 from sparse_rcnn_jax.model.backbones import layers
 from sparse_rcnn_jax.model.backbones import weights as weights_lib
 from sparse_rcnn_jax.model.backbones.inverted_residual import BlockSpec, NetSpec
-from sparse_rcnn_jax.convert import name_table
-from sparse_rcnn_jax.convert.name_table import Entry
 
 # EfficientNet-B0's seven stages (the paper's Table 1): (repeats, kernel, stride, expansion,
 # in channels, out channels).

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sparse_rcnn_jax.convert.name_table import Entry
 from sparse_rcnn_jax.model import conv
 from sparse_rcnn_jax.model import precision
 from sparse_rcnn_jax.model.backbones import layers
-from sparse_rcnn_jax.convert.name_table import Entry
 
 PARTS = ("stem", "stage2", "stage3", "stage4", "stage5")
 PADDINGS = ("same", "symmetric")

@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparse_rcnn_jax.model import precision
 from sparse_rcnn_jax.convert.name_table import Entry
+from sparse_rcnn_jax.model import precision
 
 NORMS = ("frozen_bn", "group_norm")
 # Names of the frozen batch norm's values in the "batch_stats" collection (PyTorch's names).

@@ -12,12 +12,12 @@ and which do not install on current Pythons: install it with --no-deps.
 """
 from typing import ClassVar
 
+from sparse_rcnn_jax.convert import name_table
+from sparse_rcnn_jax.convert.name_table import Entry
 from sparse_rcnn_jax.model.backbones import inverted_residual
 from sparse_rcnn_jax.model.backbones import layers
 from sparse_rcnn_jax.model.backbones import weights as weights_lib
 from sparse_rcnn_jax.model.backbones.inverted_residual import BlockSpec, NetSpec
-from sparse_rcnn_jax.convert import name_table
-from sparse_rcnn_jax.convert.name_table import Entry
 
 # The paper's Table 2 (torchvision's inverted_residual_setting): (expansion t, out channels c,
 # repeats n, stride s); every depthwise kernel is 3x3.

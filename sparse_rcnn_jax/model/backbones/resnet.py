@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sparse_rcnn_jax.convert import name_table
+from sparse_rcnn_jax.convert.name_table import Entry
 from sparse_rcnn_jax.model import conv
 from sparse_rcnn_jax.model import precision
 from sparse_rcnn_jax.model.backbones import layers
 from sparse_rcnn_jax.model.backbones import weights as weights_lib
-from sparse_rcnn_jax.convert import name_table
-from sparse_rcnn_jax.convert.name_table import Entry
 
 # Residual blocks per stage res2..res5.
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
