@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparse_rcnn_jax.model.backbones import resnet
 from sparse_rcnn_jax.model.backbones.resnet import ConvNorm, ConvSpec, ResNet, resnet_from_torchvision
 
 TORCHVISION_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -262,3 +263,37 @@ def test_init_kaiming_normal_fan_out_and_identity_frozen_bn():
   stats = variables["batch_stats"]["norm"]
   for name, value in [("weight", 1), ("bias", 0), ("running_mean", 0), ("running_var", 1)]:
     np.testing.assert_array_equal(stats[name], np.full(64, value, np.float32), err_msg=name)
+
+
+def _max_pool_loop(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """torch's MaxPool2d(3, stride 2, padding 1) as a NumPy loop: the output, and for each
+  output the flat input index of its first maximum (row-major in the window), which receives
+  the whole gradient."""
+  b, h, w, c = x.shape
+  ho, wo = (h + 1) // 2, (w + 1) // 2
+  out = np.zeros((b, ho, wo, c), x.dtype)
+  argmax = np.zeros((b, ho, wo, c), np.int64)
+  for n, i, j, k in np.ndindex(b, ho, wo, c):
+    best, where = -np.inf, -1
+    for di in range(3):
+      for dj in range(3):
+        r, s = 2 * i - 1 + di, 2 * j - 1 + dj
+        if 0 <= r < h and 0 <= s < w and x[n, r, s, k] > best:
+          best, where = x[n, r, s, k], np.ravel_multi_index((n, r, s, k), x.shape)
+    out[n, i, j, k], argmax[n, i, j, k] = best, where
+  return out, argmax
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 8, 6, 2)])
+def test_stem_max_pool_equals_torch_rule_with_ties(shape):
+  """resnet.max_pool_3x3_s2 (two 1-d windows, for ONNX) against a NumPy loop, on integers so
+  that many windows hold tied maxima: the same values, and each output's gradient goes to its
+  window's first maximum."""
+  x = np.random.default_rng(0).integers(-3, 4, shape).astype(np.float32)
+  want, argmax = _max_pool_loop(x)
+  np.testing.assert_array_equal(resnet.max_pool_3x3_s2(jnp.asarray(x)), want)
+  weights = np.random.default_rng(1).normal(size=want.shape).astype(np.float32)
+  grad = jax.grad(lambda v: (resnet.max_pool_3x3_s2(v) * weights).sum())(jnp.asarray(x))
+  expected = np.zeros(x.size, np.float32)
+  np.add.at(expected, argmax.ravel(), weights.ravel())
+  np.testing.assert_allclose(np.asarray(grad).ravel(), expected, rtol=1e-6, atol=1e-6)

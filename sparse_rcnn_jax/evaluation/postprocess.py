@@ -24,9 +24,13 @@ def top_k(pred_logits, pred_boxes, k: int):
   """
   batch, num, num_classes = pred_logits.shape
   scores, index = jax.lax.top_k(jax.nn.sigmoid(pred_logits).reshape(batch, num * num_classes), k)
-  proposal = (index // num_classes).astype(jnp.int32)
+  # The entries are >= 0, so lax.div (truncating) is the floor division and the label is what
+  # remains; one integer division instead of jnp's floor_divide and mod, whose sign handling
+  # ONNX converters turn into more operations.
+  proposal = jax.lax.div(index, jnp.int32(num_classes)).astype(jnp.int32)
+  labels = (index - proposal * num_classes).astype(jnp.int32)
   boxes = jnp.take_along_axis(pred_boxes, proposal[..., None], axis=1)
-  return scores, (index % num_classes).astype(jnp.int32), boxes, proposal
+  return scores, labels, boxes, proposal
 
 
 def postprocess(pred_logits, pred_boxes, image_whwh, orig_size, num_detections: int | None = None):

@@ -34,7 +34,7 @@ not with the options of our jitted programs (xla_cpu.py, on a CPU). Float32 dete
 with predict.py's to float32 rounding either way; bfloat16 scores differ by bfloat16 rounding
 (about 3e-4 on the tiny model) unless the caller sets the same XLA_FLAGS.
 """
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -188,28 +188,27 @@ def _shape(aval) -> list:
   return [d if isinstance(d, int) else str(d) for d in aval.shape]
 
 
-def contract(exported: jax.export.Exported, model: ml_collections.ConfigDict,
-             data: ml_collections.ConfigDict, info: info_lib.DatasetInfo,
-             multiple: int) -> dict:
-  """What a caller of the artifact needs to know, as JSON-ready data: the inputs (`multiple`:
-  size_divisibility), the outputs, the classes (`class_names[label]`, `category_ids[label]`),
-  the model dtype and the platforms."""
-  images, image_whwh = exported.in_avals
-  batch, height, width = _shape(images)[:3]
+def io_contract(images_shape: Sequence[Any], model: ml_collections.ConfigDict,
+                data: ml_collections.ConfigDict, info: info_lib.DatasetInfo,
+                multiple: int) -> dict:
+  """What a caller of an exported model (this module's or onnx_export's) needs to know, as
+  JSON-ready data: the inputs (`images_shape` [B, H, W, 3], B an int or the symbol's name;
+  `multiple`: size_divisibility), the outputs, the classes (`class_names[label]`,
+  `category_ids[label]`) and the model dtype."""
+  batch, height, width = images_shape[:3]
   k = model.num_proposals
   return {
-      "call": "jax.export.deserialize(bytearray(blob)).call(images, image_whwh)",
       "batch": batch if isinstance(batch, int) else "symbolic",
       "height": height, "width": width,
       "inputs": {
-          "images": {"shape": _shape(images), "dtype": str(images.dtype),
+          "images": {"shape": list(images_shape), "dtype": "uint8",
                      "pixel_format": "RGB, 0..255, channels last",
                      "padding": f"each image zero-padded bottom/right to {height} x {width}; "
                                 f"height and width are multiples of {multiple}, the stride of "
                                 "the backbone's coarsest feature map",
                      "resize": f"as the model was evaluated: short side {data.test_scale}, "
                                f"long side at most {data.max_size}"},
-          "image_whwh": {"shape": _shape(image_whwh), "dtype": str(image_whwh.dtype),
+          "image_whwh": {"shape": [batch, 4], "dtype": "float32",
                          "meaning": "(w, h, w, h) of each unpadded image"}},
       "outputs": {
           "scores": {"shape": [batch, k], "dtype": "float32",
@@ -222,7 +221,16 @@ def contract(exported: jax.export.Exported, model: ml_collections.ConfigDict,
       "class_names": list(info.class_names),
       "category_ids": list(info.category_ids),
       "model_dtype": model.dtype,
-      "platforms": list(exported.platforms),
-      "jax_version": jax.__version__,
-      "calling_convention_version": exported.calling_convention_version,
   }
+
+
+def contract(exported: jax.export.Exported, model: ml_collections.ConfigDict,
+             data: ml_collections.ConfigDict, info: info_lib.DatasetInfo,
+             multiple: int) -> dict:
+  """`io_contract` of the artifact, with how to call it and what it was lowered for."""
+  images, _ = exported.in_avals
+  return {"call": "jax.export.deserialize(bytearray(blob)).call(images, image_whwh)",
+          **io_contract(_shape(images), model, data, info, multiple),
+          "platforms": list(exported.platforms),
+          "jax_version": jax.__version__,
+          "calling_convention_version": exported.calling_convention_version}

@@ -261,7 +261,26 @@ class Stem(nn.Module):
     """x: [B, H, W, 3] -> [B, ~H/4, ~W/4, width]."""
     x = nn.relu(ConvNorm(self.spec, self.norm, self.conv_impl, self.dtype,
                            name=self.spec.name)(x))
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return max_pool_3x3_s2(x)
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """torch's MaxPool2d(3, stride=2, padding=1): [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C].
+
+  Max is separable, so the 3x3 window is a 1x3 window over columns, then 3x1 over rows, each a
+  reduce_window on a 3-d view ([B*H, W, C], then [B, H, W'*C]): the same values as one 3x3
+  reduce_window, and the same gradient, to the window's first maximum in row-major order as in
+  torch (columns first: each row's first maximum, then the first row holding the window's).
+  Stated so because ONNX converters lower a reduce_window to a MaxPool over every dimension,
+  and ONNX runtimes pool over at most three (export.py --format onnx).
+  """
+  b, h, w, c = x.shape
+  window = dict(init_value=-jnp.inf, computation=jax.lax.max, window_dimensions=(1, 3, 1),
+                window_strides=(1, 2, 1), padding=((0, 0), (1, 1), (0, 0)))
+  cols = jax.lax.reduce_window(x.reshape(b * h, w, c), **window)
+  w_out = cols.shape[1]
+  rows = jax.lax.reduce_window(cols.reshape(b, h, w_out * c), **window)
+  return rows.reshape(b, rows.shape[1], w_out, c)
 
 
 class ResNet(nn.Module):
