@@ -5,6 +5,7 @@
       --config.data.eval_ann=moved/val.json --config.data.eval_images=moved/images
   python eval.py --config configs/r50_100pro_3x.py --checkpoint model_final.pth   # official
   python eval.py --workdir workdirs/bccd --tta        # test-time augmentation (config.tta)
+  python eval.py --workdir workdirs/bccd --stages     # the AP of every head stage
 
 With --workdir the newest checkpoint there (or --step) is evaluated, with the config the run
 saved there unless --config is given; --checkpoint takes an official Sparse R-CNN checkpoint
@@ -13,7 +14,10 @@ saved there unless --config is given; --checkpoint takes an official Sparse R-CN
 (files named ..._raw). Writes the COCO detections json and the metrics next to the
 checkpoint (or to --out) and prints the AP table with per-class AP. --tta evaluates with
 the official test-time augmentation (several scales, mirrored, merged by soft voting:
-sparse_rcnn_jax/evaluation/tta.py) and names its files ..._tta.
+sparse_rcnn_jax/evaluation/tta.py) and names its files ..._tta. --stages prints the AP of
+every head stage's predictions from one pass (the paper's Table 7 from one trained model) and
+writes eval_..._stages.json; config.model.eval_stages=k makes every inference stop after
+stage k.
 """
 import json
 import pathlib
@@ -28,6 +32,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "An official Sparse R-CNN checkpoint (.pth / .npz).")
 _OUT = flags.DEFINE_string("out", None, "Where to write results (default: the workdir).")
 _TTA = flags.DEFINE_bool("tta", False, "Evaluate with test-time augmentation (config.tta).")
+_STAGES = flags.DEFINE_bool("stages", False, "Print the COCO AP of every head stage's "
+                            "predictions, from one pass (the paper's Table 7 from one model).")
 
 
 def main(argv):
@@ -71,6 +77,17 @@ def main(argv):
     raise app.UsageError(f"The eval split's classes {source.class_names} are not the model's "
                          f"{info.class_names}.")
   out.mkdir(parents=True, exist_ok=True)
+  if _STAGES.value:
+    if _TTA.value:
+      raise app.UsageError("--stages evaluates without test-time augmentation; drop --tta.")
+    per_stage = inference.evaluate_stages(inference.make_stages_predict_fn(model, mesh),
+                                          variables, config, mesh, source,
+                                          size_divisibility=model.backbone.size_divisibility)
+    if jax.process_index() == 0:
+      print(coco_eval.format_stages_table(per_stage))
+      (out / f"eval_{name}_stages.json").write_text(json.dumps(per_stage, indent=1))
+      print(f"Wrote {out / f'eval_{name}_stages.json'}")
+    return
   if _TTA.value:
     name, evaluate = f"{name}_tta", tta.evaluate_split
     predict_fn = tta.make_predict_fn(model, mesh, tta.TtaSettings.from_config(config).flip)

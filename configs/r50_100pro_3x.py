@@ -27,6 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_classes = 80
   model.num_proposals = 100
   model.num_stages = 6
+  # Inference (evaluation, prediction, both exports) stops after this many stages: 0 = all;
+  # k = the first k stages, exactly their predictions of the whole head (the paper's Table 7
+  # from one trained model; eval.py --stages prints the AP of every stage). Training runs all.
+  model.eval_stages = 0
   model.hidden_dim = 256
   model.dim_feedforward = 2048
   model.num_heads = 8

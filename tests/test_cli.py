@@ -107,6 +107,25 @@ def test_eval_reproduces_the_training_evaluation(trained, tmp_path):
     assert ours[name] == pytest.approx(theirs[name], abs=1e-6)
 
 
+def test_eval_stages_gives_every_stage_and_early_exit_matches_it(trained, tmp_path):
+  """eval.py --stages: one AP per head stage, the last equal to the training's evaluation;
+  config.model.eval_stages=1 evaluates exactly the first stage's detections."""
+  base, flags, _ = trained
+  proc = _run("eval.py", *flags, "--workdir", str(base / "work"), "--out", str(tmp_path),
+              "--stages")
+  assert "COCO box AP of each head stage" in proc.stdout
+  per_stage = json.loads((tmp_path / "eval_step3_stages.json").read_text())
+  assert len(per_stage) == 2
+  theirs = json.loads((base / "work" / "eval_step3.json").read_text())
+  for name in METRICS:
+    assert per_stage[-1][name] == pytest.approx(theirs[name], abs=1e-6)
+  _run("eval.py", *flags, "--config.model.eval_stages=1", "--workdir", str(base / "work"),
+       "--out", str(tmp_path / "first"))
+  first = json.loads((tmp_path / "first" / "eval_step3.json").read_text())
+  for name in METRICS:
+    assert first[name] == pytest.approx(per_stage[0][name], abs=1e-6)
+
+
 def test_eval_without_the_moving_average_evaluates_the_trained_weights(trained, tmp_path):
   base, flags, proc = trained
   assert "the weights' moving average" in proc.stdout

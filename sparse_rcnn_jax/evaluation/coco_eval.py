@@ -210,3 +210,16 @@ def format_table(metrics: Mapping[str, Any], columns: int = 3) -> str:
       lines.append(" | ".join(f"{name:<{width}} {_percent(ap):>5}"
                               for name, ap in per_class[start:start + columns]))
   return "\n".join(lines)
+
+
+def format_stages_table(per_stage: Sequence[Mapping[str, Any]]) -> str:
+  """A console table of `evaluate`'s metrics per head stage (stage 1 first), in percent."""
+  keys = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+  recall = next((k for k in per_stage[0] if k.startswith("AR@")), None) if per_stage else None
+  keys += [recall] if recall else []
+  lines = [f"COCO box AP of each head stage's predictions ({per_stage[0]['num_images']} "
+           "images):" if per_stage else "no stages",
+           "stage  " + "  ".join(f"{k:>6}" for k in keys)]
+  for s, metrics in enumerate(per_stage, 1):
+    lines.append(f"{s:>5}  " + "  ".join(f"{_percent(metrics[k]):>6}" for k in keys))
+  return "\n".join(lines)

@@ -97,3 +97,43 @@ def evaluate_split(predict_fn, variables, config: ml_collections.ConfigDict, mes
     coco_eval.write_results(results, results_path)
   return coco_eval.evaluate(source.coco_gt(), results, class_names=source.class_names,
                              max_dets=max(100, config.model.num_proposals))
+
+
+STAGE_KEYS = ("boxes", "scores", "labels", "valid")
+
+
+def make_stages_predict_fn(model, mesh) -> Callable:
+  """jit(variables, batch) -> the detections (postprocess.postprocess) of every stage the
+  model runs: "boxes" [B, S, K, 4], "scores", "labels" and "valid" [B, S, K] (stage axis
+  second, so that the batch stays split over the mesh's data axis)."""
+  def predict(variables, batch):
+    out = model.apply(variables, batch["image"], batch["image_whwh"])
+    per_stage = jax.vmap(postprocess.postprocess, in_axes=(0, 0, None, None))(
+        out["pred_logits"], out["pred_boxes"], batch["image_whwh"], batch["orig_size"])
+    return {k: jax.numpy.moveaxis(per_stage[k], 0, 1) for k in STAGE_KEYS}
+  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                 out_shardings=sharding.batch_sharded(mesh),
+                 compiler_options=xla_cpu.compiler_options())
+
+
+def evaluate_stages(predict_fn, variables, config: ml_collections.ConfigDict, mesh, source,
+                    *, size_divisibility: int) -> list[dict]:
+  """COCO metrics (coco_eval.evaluate) of each stage's detections, stage 1 first, from one
+  pass of `predict_fn` (make_stages_predict_fn's) over the eval `source`: the paper's Table 7
+  from one trained model. The last stage's equal `evaluate_split`'s."""
+  batches = pipeline.SkipReport(source, "eval").follow(
+      pipeline.eval_iterator(config.data, source, jax.process_index(), jax.process_count(),
+                             size_divisibility=size_divisibility))
+  results: list[list[dict]] = []
+  for dets, local in gathered_predictions(predict_fn, variables, batches, mesh, STAGE_KEYS):
+    valid = np.asarray(dets["valid"]) & np.asarray(local["valid"])[:, None, None]
+    stages = valid.shape[1]
+    results += [[] for _ in range(stages - len(results))]
+    for s in range(stages):
+      results[s] += coco_eval.detections_to_coco(
+          local["image_id"], dets["boxes"][:, s], dets["scores"][:, s], dets["labels"][:, s],
+          valid[:, s], source.category_ids)
+  gt = source.coco_gt()
+  return [coco_eval.evaluate(gt, stage_results, class_names=source.class_names,
+                             max_dets=max(100, config.model.num_proposals))
+          for stage_results in results]

@@ -31,11 +31,16 @@ class SparseRCNN(nn.Module):
     dtype: the compute dtype of the whole model, "float32" or "bfloat16" (config.model.dtype;
       precision.py says what stays float32); the backbone and the head are built with it.
     conv_impl: how the FPN's convolutions are differentiated (conv.make_conv).
+    eval_stages: 0, or k: inference (deterministic calls) runs the head's first k stages only
+      and returns their predictions, which are exactly those stages' predictions of the whole
+      head (config.model.eval_stages; the paper's Table 7 from one model). Training and
+      initialization always run every stage.
   """
   head: HeadConfig
   backbone: backbones.Backbone
   dtype: str
   conv_impl: str = "auto"
+  eval_stages: int = 0
 
   def is_frozen(self, path: tuple[str, ...]) -> bool:
     """Whether the parameter at `path` in the "params" collection is frozen (the optimizer's
@@ -53,14 +58,17 @@ class SparseRCNN(nn.Module):
       deterministic: disables dropout.
     Returns:
       dict of "pred_logits" [S, B, N, C], "pred_boxes" [S, B, N, 4] absolute xyxy in input
-      pixels, and "proposal_boxes" [B, N, 4] (see DynamicHead), all float32.
+      pixels, and "proposal_boxes" [B, N, 4] (see DynamicHead), all float32; S is the head's
+      number of stages, or `eval_stages` when set and `deterministic`.
     """
     x = normalize_images(images, self.backbone.pixel_mean, self.backbone.pixel_std)
     levels = self.backbone.levels
     features = self.backbone(x)
     maps = FPN(self.head.hidden_dim, levels, conv_impl=self.conv_impl, dtype=self.dtype,
                name="fpn")(features)
-    return DynamicHead(self.head, levels, name="head")(maps, image_whwh, deterministic)
+    early_exit = self.eval_stages and deterministic and not self.is_initializing()
+    return DynamicHead(self.head, levels, name="head")(
+        maps, image_whwh, deterministic, self.eval_stages if early_exit else None)
 
 
 def build_model(model: ml_collections.ConfigDict, num_classes: int | None = None) -> SparseRCNN:
@@ -69,5 +77,10 @@ def build_model(model: ml_collections.ConfigDict, num_classes: int | None = None
   (benchmarks and tests on random data)."""
   head = HeadConfig.from_config(model, **({} if num_classes is None else
                                           {"num_classes": num_classes}))
+  eval_stages = model.get("eval_stages", 0)  # runs saved before the field: every stage
+  if not 0 <= eval_stages <= head.num_stages:
+    raise ValueError(f"model.eval_stages={eval_stages}: choose 1..{head.num_stages} (the "
+                     "head's num_stages) to stop inference after that stage, or 0 for all.")
   backbone = backbones.build_backbone(model.backbone, dtype=model.dtype, conv_impl=model.conv_impl)
-  return SparseRCNN(head=head, backbone=backbone, dtype=model.dtype, conv_impl=model.conv_impl)
+  return SparseRCNN(head=head, backbone=backbone, dtype=model.dtype, conv_impl=model.conv_impl,
+                    eval_stages=eval_stages)

@@ -144,15 +144,18 @@ class DynamicHead(nn.Module):
   levels: tuple[int, ...] = (2, 3, 4, 5)
 
   @nn.compact
-  def __call__(self, features: Sequence[jax.Array], image_whwh, deterministic: bool = True):
+  def __call__(self, features: Sequence[jax.Array], image_whwh, deterministic: bool = True,
+               num_stages: int | None = None):
     """Detects objects on FPN maps.
 
     Args:
       features: FPN maps P_l for l in `levels`, each [B, H_l, W_l, D] (NHWC), stride 2**l.
       image_whwh: [B, 4] (w, h, w, h) of each unpadded image, in input pixels.
       deterministic: disables dropout.
+      num_stages: run only the first S of the cfg.num_stages stages (early exit: each stage
+        depends only on the ones before it); None: all of them.
     Returns:
-      dict with "pred_logits" [S, B, N, C] (sigmoid class logits of every stage) and
+      dict with "pred_logits" [S, B, N, C] (sigmoid class logits of every stage run) and
       "pred_boxes" [S, B, N, 4] (absolute xyxy in input pixels), and "proposal_boxes"
       [B, N, 4], the learned proposals as absolute xyxy (the input to stage 0).
     """
@@ -167,7 +170,7 @@ class DynamicHead(nn.Module):
 
     boxes, feats = proposal_boxes, init_features
     all_logits, all_boxes = [], []
-    for i in range(cfg.num_stages):
+    for i in range(cfg.num_stages if num_stages is None else num_stages):
       logits, pred_boxes, obj = HeadStage(cfg, self.levels, name=f"stage{i}")(features, boxes,
                                                                           feats, deterministic)
       all_logits.append(logits)
