@@ -41,12 +41,13 @@ def bench_config(config, height: int, width: int, batch: int, repeats: int) -> d
     out = model.apply(variables, images, whwh)
     return postprocess.postprocess(out["pred_logits"][-1], out["pred_boxes"][-1], whwh, orig)
 
-  compile_s, step_s, _ = common.time_compiled(infer, variables, images, whwh, orig,
-                                              repeats=repeats)
+  compile_s, step_s, compiled = common.time_compiled(infer, variables, images, whwh, orig,
+                                                     repeats=repeats)
   params = sum(x.size for x in jax.tree.leaves(variables["params"]))
   return {"image": f"{height}x{width}", "batch": batch, "dtype": config.model.dtype,
           "params_M": params / 1e6, "compile_s": compile_s, "ms_per_image": 1e3 * step_s / batch,
-          "images_per_s": batch / step_s, **common.peak_memory_mb()}
+          "images_per_s": batch / step_s, "program_mb": common.program_mb(compiled),
+          **common.peak_memory_mb()}
 
 
 def bench(name: str, batch: int, repeats: int) -> dict:

@@ -45,6 +45,19 @@ def time_compiled(fn, *args, repeats: int = 5, warmup: int = 1) -> tuple[float, 
   return compile_s, (time.perf_counter() - start) / repeats, compiled
 
 
+def program_mb(compiled) -> float | None:
+  """The memory a compiled program needs, from XLA's memory analysis: arguments + outputs +
+  temporaries - donated aliases (None where the backend gives no analysis)."""
+  try:
+    stats = compiled.memory_analysis()
+  except (NotImplementedError, AttributeError):
+    return None
+  if stats is None:
+    return None
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+          - stats.alias_size_in_bytes) / 2**20
+
+
 def report(name: str, rows: list[dict], columns: list[str], *, details: list[dict] | None = None,
            out: pathlib.Path | None = None) -> pathlib.Path:
   """Prints rows as a table and writes {machine, rows[, details]} to `out`, by default
