@@ -69,7 +69,8 @@ def prepare(config, batch: int, height: int, width: int):
 
 
 def time_steps(step, state, data, repeats: int) -> dict:
-  """Compile seconds, median seconds per step and the last loss of `step` from `prepare`."""
+  """Compile seconds, median seconds per step, the last loss and the memory of the compiled
+  program (common.program_mb) of `step` from `prepare`."""
   start = time.perf_counter()
   compiled = step.lower(state, data).compile()
   compile_s = time.perf_counter() - start
@@ -82,7 +83,7 @@ def time_steps(step, state, data, repeats: int) -> dict:
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   return {"compile_s": compile_s, "step_s": float(np.median(times)),
-          "loss": float(metrics["loss"])}
+          "loss": float(metrics["loss"]), "program_mb": common.program_mb(compiled)}
 
 
 def bench(name: str, batch: int | None, repeats: int) -> dict:

@@ -27,7 +27,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -75,22 +74,10 @@ def measure(row: dict, setting: dict) -> dict:
     return {"compile_s": out["compile_s"], "images_per_s": out["images_per_s"],
             "program_mb": out["program_mb"]}
   matcher.MATCHERS.setdefault("none", bench_matching.greedy_assignment)
-  step, state, data = bench_train_step.prepare(
-      _config(setting, row["dtype"], row["matcher"]), row["batch"], height, width)
-  start = time.perf_counter()
-  compiled = step.lower(state, data).compile()
-  compile_s = time.perf_counter() - start
-  state, _ = compiled(state, data)   # warm-up; the state is donated, so it is threaded
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    state, metrics = compiled(state, data)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
-  step_s = float(np.median(times))
-  return {"compile_s": compile_s, "step_s": step_s, "images_per_s": row["batch"] / step_s,
-          "program_mb": common.program_mb(compiled)}
+  timed = bench_train_step.time_steps(*bench_train_step.prepare(
+      _config(setting, row["dtype"], row["matcher"]), row["batch"], height, width), repeats)
+  return {"compile_s": timed["compile_s"], "step_s": timed["step_s"],
+          "images_per_s": row["batch"] / timed["step_s"], "program_mb": timed["program_mb"]}
 
 
 def summarize(rows: list[dict], platform: str) -> list[dict]:
