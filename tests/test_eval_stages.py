@@ -78,3 +78,25 @@ def test_each_stage_of_the_stages_predict_fn_is_that_early_exit(setup):
                                atol=1e-7)
     np.testing.assert_allclose(per_stage["boxes"][:, k - 1], want["boxes"], rtol=1e-6,
                                atol=1e-4)
+
+
+def test_both_exports_stop_where_the_config_says(setup):
+  """The jax.export artifact of a model with eval_stages=2 gives stage 2's detections of the
+  whole head; the ONNX model is built with the same early exit."""
+  from sparse_rcnn_jax.evaluation import onnx_export  # pylint: disable=g-import-not-at-top
+  from sparse_rcnn_jax.evaluation import serving  # pylint: disable=g-import-not-at-top
+  variables, batch, _ = setup
+  config = _config(2)
+  model = serving.serving_model(config.model, config.model.num_classes, ["cpu"])
+  assert model.eval_stages == 2
+  assert onnx_export.onnx_model(config.model, config.model.num_classes).eval_stages == 2
+  exported = serving.export_detector(model, variables, 64, 96)
+  got = jax.device_get(exported.call(batch["image"], batch["image_whwh"]))
+  # The artifact's boxes stay in input pixels: the full model's stage 2 with orig = input size.
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  full = dict(batch, orig_size=batch["image_whwh"][:, 1::-1].astype(np.int32))
+  want = jax.device_get(inference.make_stages_predict_fn(
+      detector.build_model(_config().model), mesh)(variables, jax.tree.map(jnp.asarray, full)))
+  np.testing.assert_array_equal(got["labels"], want["labels"][:, 1])
+  np.testing.assert_allclose(got["scores"], want["scores"][:, 1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got["boxes"], want["boxes"][:, 1], rtol=1e-5, atol=1e-3)
