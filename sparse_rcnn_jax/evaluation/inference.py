@@ -80,6 +80,13 @@ def predict_dataset(predict_fn, variables, batches: Iterable[dict], mesh,
   return results
 
 
+def _eval_batches(config: ml_collections.ConfigDict, source, size_divisibility: int):
+  """This host's eval batches of `source`, skipped images reported at the end."""
+  return pipeline.SkipReport(source, "eval").follow(
+      pipeline.eval_iterator(config.data, source, jax.process_index(), jax.process_count(),
+                             size_divisibility=size_divisibility))
+
+
 def evaluate_split(predict_fn, variables, config: ml_collections.ConfigDict, mesh,
                    source, results_path=None, *, size_divisibility: int) -> dict:
   """Runs `predict_fn` (make_predict_fn's, built once per run and reused) on every image of
@@ -89,10 +96,9 @@ def evaluate_split(predict_fn, variables, config: ml_collections.ConfigDict, mes
   Returns the metrics of coco_eval.evaluate (AP, AP50, ..., per-class AP). The lead host
   writes the detections to `results_path` if given.
   """
-  batches = pipeline.SkipReport(source, "eval").follow(
-      pipeline.eval_iterator(config.data, source, jax.process_index(), jax.process_count(),
-                             size_divisibility=size_divisibility))
-  results = predict_dataset(predict_fn, variables, batches, mesh, source.category_ids)
+  results = predict_dataset(predict_fn, variables, _eval_batches(config, source,
+                                                                 size_divisibility),
+                            mesh, source.category_ids)
   if results_path is not None and jax.process_index() == 0:
     coco_eval.write_results(results, results_path)
   return coco_eval.evaluate(source.coco_gt(), results, class_names=source.class_names,
@@ -121,11 +127,10 @@ def evaluate_stages(predict_fn, variables, config: ml_collections.ConfigDict, me
   """COCO metrics (coco_eval.evaluate) of each stage's detections, stage 1 first, from one
   pass of `predict_fn` (make_stages_predict_fn's) over the eval `source`: the paper's Table 7
   from one trained model. The last stage's equal `evaluate_split`'s."""
-  batches = pipeline.SkipReport(source, "eval").follow(
-      pipeline.eval_iterator(config.data, source, jax.process_index(), jax.process_count(),
-                             size_divisibility=size_divisibility))
   results: list[list[dict]] = []
-  for dets, local in gathered_predictions(predict_fn, variables, batches, mesh, STAGE_KEYS):
+  for dets, local in gathered_predictions(predict_fn, variables,
+                                          _eval_batches(config, source, size_divisibility),
+                                          mesh, STAGE_KEYS):
     valid = np.asarray(dets["valid"]) & np.asarray(local["valid"])[:, None, None]
     stages = valid.shape[1]
     results += [[] for _ in range(stages - len(results))]
