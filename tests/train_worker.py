@@ -31,6 +31,9 @@ _MAIN_JOB = flags.DEFINE_bool(
 def tiny_config(data_root: str, num_steps: int, batch_size: int, checkpoint_every: int):
   from configs import tiny  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
+  # One head stage: these runs test the training machinery, which a second stage only makes
+  # slower to compile (stages are covered by the model's own tests).
+  config.model.num_stages = 1
   config.data.source = "synthetic"
   config.data.synthetic = dict(root=data_root, num_train=16, num_val=4, image_size=64, seed=0)
   config.data.update(train_scales=(64,), max_size=64, test_scale=64, batch_size=batch_size,
