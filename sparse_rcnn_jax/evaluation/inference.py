@@ -22,6 +22,14 @@ from sparse_rcnn_jax.evaluation import postprocess
 log = logging.getLogger(__name__)
 
 
+def jit_on_mesh(predict: Callable, mesh) -> Callable:
+  """jit of predict(variables, batch): the variables replicated, the batch and the outputs
+  split over the mesh's "data" axis, with this machine's compiler options."""
+  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                 out_shardings=sharding.batch_sharded(mesh),
+                 compiler_options=xla_cpu.compiler_options())
+
+
 def make_predict_fn(model, mesh, num_detections: int | None = None) -> Callable:
   """jit(variables, batch) -> detections (postprocess.postprocess) of the last stage.
 
@@ -40,9 +48,7 @@ def make_predict_fn(model, mesh, num_detections: int | None = None) -> Callable:
                                                                                   None]
     dets["stage_scores"] = jax.nn.sigmoid(out["pred_logits"]).max(-1).swapaxes(0, 1)
     return dets
-  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                 out_shardings=sharding.batch_sharded(mesh),
-                 compiler_options=xla_cpu.compiler_options())
+  return jit_on_mesh(predict, mesh)
 
 
 def _gather(tree):
@@ -117,9 +123,7 @@ def make_stages_predict_fn(model, mesh) -> Callable:
     per_stage = jax.vmap(postprocess.postprocess, in_axes=(0, 0, None, None))(
         out["pred_logits"], out["pred_boxes"], batch["image_whwh"], batch["orig_size"])
     return {k: jax.numpy.moveaxis(per_stage[k], 0, 1) for k in STAGE_KEYS}
-  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                 out_shardings=sharding.batch_sharded(mesh),
-                 compiler_options=xla_cpu.compiler_options())
+  return jit_on_mesh(predict, mesh)
 
 
 def evaluate_stages(predict_fn, variables, config: ml_collections.ConfigDict, mesh, source,

@@ -43,8 +43,6 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from sparse_rcnn_jax import sharding
-from sparse_rcnn_jax import xla_cpu
 from sparse_rcnn_jax.data import batching
 from sparse_rcnn_jax.data import pipeline
 from sparse_rcnn_jax.data import transforms
@@ -163,9 +161,7 @@ def make_predict_fn(model, mesh, flip: bool) -> Callable:
           "scores": scores, "labels": labels,
           "keep": scale_filter(boxes, batch["scale_range"][:, None, :])})
     return jax.tree.map(lambda *x: jnp.stack(x, axis=1), *passes)
-  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                 out_shardings=sharding.batch_sharded(mesh),
-                 compiler_options=xla_cpu.compiler_options())
+  return inference.jit_on_mesh(predict, mesh)
 
 
 def _iou_with(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
